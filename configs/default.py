@@ -1,0 +1,71 @@
+"""Every knob of the codebase, with its default. Dataset configs import this and override."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order, noise and dropout.
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "cifar10"  # A tfds dataset name, or "digits" (sklearn's digits, offline).
+  data.split = "train"  # tfds split to train on.
+  data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir; None = tfds default.
+  data.image_size = 32  # Side of the square training images, in pixels.
+  data.resize = "center_crop"  # How images reach image_size: "center_crop" (crop then resize) or "resize".
+  data.random_flip = True  # Random horizontal flip of training images.
+  data.num_workers = 0  # grain worker processes per host; 0 reads in the main process.
+  data.prefetch = 2  # Batches prefetched to the devices ahead of the train step.
+
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"  # Model name, looked up in models.MODELS.
+  model.ch = 128  # Base channel count.
+  model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
+  model.num_res_blocks = 2  # Residual blocks per resolution level.
+  model.attn_resolutions = (16,)  # Resolutions (in pixels) with self-attention.
+  model.num_heads = 1  # Attention heads (DDPM uses one).
+  model.dropout = 0.1  # Dropout in residual blocks.
+  model.scale_shift = False  # ADM scale-shift (FiLM) conditioning; DDPM adds the embedding instead.
+  model.resamp_with_conv = True  # Convolutions in down/up sampling (DDPM).
+  model.num_classes = 0  # Class-conditional if > 0; label num_classes is the "null" class.
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "linear"  # "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).
+  diffusion.num_timesteps = 1000  # Discrete DDPM steps T; 0 trains in continuous time.
+  diffusion.beta_start = 1e-4  # Linear schedule: first beta.
+  diffusion.beta_end = 0.02  # Linear schedule: last beta.
+  diffusion.zero_terminal_snr = False  # Rescale so that SNR(t=1) = 0 (Lin et al. 2023); use with v.
+  diffusion.prediction = "eps"  # What the network predicts: "eps", "x0" or "v".
+  diffusion.loss_weighting = "simple"  # "simple" (DDPM) or "min_snr" (Hang et al. 2023).
+  diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting.
+  diffusion.p_uncond = 0.0  # Probability of dropping the label (classifier-free guidance training).
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4  # Peak learning rate.
+  optim.warmup_steps = 5000  # Linear warm-up steps.
+  optim.b1 = 0.9  # Adam beta1.
+  optim.b2 = 0.999  # Adam beta2.
+  optim.eps = 1e-8  # Adam epsilon.
+  optim.weight_decay = 0.0  # Decoupled weight decay (AdamW) if > 0.
+  optim.grad_clip = 1.0  # Global gradient-norm clip; 0 disables.
+  optim.ema_decay = 0.9999  # EMA decay of the parameters used for sampling.
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global batch size, over all devices and hosts.
+  training.num_steps = 800_000  # Total training steps.
+  training.log_every = 100  # Steps between metric writes.
+  training.sample_every = 10_000  # Steps between sample grids (0 disables).
+  training.checkpoint_every = 5_000  # Steps between checkpoints.
+  training.keep_every = 50_000  # Checkpoints at multiples of this are kept for good (0 disables).
+  training.max_to_keep = 3  # Most recent checkpoints kept.
+
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.sampler = "ddim"  # Sampler name, looked up in diffusion.samplers.SAMPLERS.
+  sample.steps = 100  # Number of sampler steps.
+  sample.eta = 0.0  # DDIM eta (0 = deterministic).
+  sample.guidance_scale = 1.0  # Classifier-free guidance scale w (1 = conditional, 0 = unconditional).
+  sample.num = 64  # Images drawn (grid during training; total in --mode=sample).
+  sample.seed = 0  # Seed of the starting noise.
+  sample.batch_size = 64  # Global batch of one sampling call.
+
+  return config

@@ -1,0 +1,35 @@
+"""Offline demo: sklearn's 8x8 digits upsampled to 16x16, a small UNet, a few minutes on two CPU cores."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = "digits"
+  config.data.image_size = 16
+  config.data.random_flip = False  # Flipped digits are not digits.
+
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
+  config.model.dropout = 0.0
+  config.model.scale_shift = True
+
+  config.diffusion.schedule = "cosine"
+
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 100
+  config.optim.ema_decay = 0.995
+
+  config.training.batch_size = 64
+  config.training.num_steps = 1500
+  config.training.log_every = 50
+  config.training.sample_every = 500
+  config.training.checkpoint_every = 250
+  config.training.keep_every = 0
+
+  config.sample.sampler = "ddim"
+  config.sample.steps = 50
+  config.sample.num = 64
+  return config

@@ -1,0 +1,40 @@
+"""Trains and samples diffusion models.
+
+This file is intentionally kept short: the logic lives in libraries that can be imported in a notebook.
+
+  python main.py --config=configs/digits.py --workdir=runs/digits
+  python main.py --config=configs/cifar10.py --workdir=runs/cifar10 --config.training.batch_size=256
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from training import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, event files and samples; rerun to resume.")
+flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
+                    "(SLURM and Cloud TPU pods are detected without it).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.info("Config:\n%s", FLAGS.config)
+  from training import train  # pylint: disable=g-import-not-at-top  (after jax.distributed)
+
+  if FLAGS.mode == "train":
+    train.train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

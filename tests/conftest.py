@@ -1,0 +1,16 @@
+"""Every test runs on CPU with 8 forced host devices, so sharding is exercised everywhere."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+
+import jax  # pylint: disable=g-import-not-at-top
+
+# Compiled programs are cached across runs (CI reruns are then mostly cache hits).
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                 os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,118 @@
+"""Checks of a whole config, run before anything is compiled; errors name the config key."""
+
+from __future__ import annotations
+
+import ml_collections
+
+import input_pipeline
+import models
+from diffusion import losses
+from diffusion import parameterization
+from diffusion import samplers
+from diffusion import schedules
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def _choice(key: str, value, allowed) -> None:
+  _require(value in allowed, f"config.{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+
+
+def validate_model(model: ml_collections.ConfigDict, *, image_size: int) -> None:
+  _choice("model.name", model.name, tuple(models.MODELS))
+  _require(model.ch > 0, f"config.model.ch={model.ch} must be positive.")
+  _require(len(model.ch_mult) > 0 and all(m > 0 for m in model.ch_mult),
+           f"config.model.ch_mult={tuple(model.ch_mult)} must be a non-empty tuple of positive ints.")
+  _require(model.num_res_blocks > 0, f"config.model.num_res_blocks={model.num_res_blocks} must be positive.")
+  _require(0.0 <= model.dropout < 1.0, f"config.model.dropout={model.dropout} must be in [0, 1).")
+  _require(model.num_classes >= 0, f"config.model.num_classes={model.num_classes} must be >= 0.")
+  _require(model.num_heads > 0, f"config.model.num_heads={model.num_heads} must be positive.")
+  factor = 2 ** (len(model.ch_mult) - 1)
+  _require(image_size % factor == 0,
+           f"config.data.image_size={image_size} is not divisible by {factor}, the UNet's downsampling "
+           f"for config.model.ch_mult={tuple(model.ch_mult)} ({len(model.ch_mult)} levels).")
+  resolutions = [image_size // 2**i for i in range(len(model.ch_mult))]
+  for res in model.attn_resolutions:
+    _require(res in resolutions, f"config.model.attn_resolutions contains {res}, which is none of the "
+             f"UNet's resolutions {resolutions} for image_size={image_size}.")
+  groups = min(32, model.ch)
+  for mult in model.ch_mult:
+    ch = model.ch * mult
+    _require(ch % groups == 0, f"config.model.ch={model.ch} times ch_mult {mult} = {ch} channels is not "
+             f"divisible by the {groups} GroupNorm groups.")
+    _require(ch % model.num_heads == 0, f"config.model.num_heads={model.num_heads} does not divide the "
+             f"{ch} channels of a level with ch_mult {mult}.")
+
+
+def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int) -> None:
+  _choice("diffusion.schedule", diffusion.schedule, schedules.SCHEDULES)
+  _require(diffusion.num_timesteps >= 0,
+           f"config.diffusion.num_timesteps={diffusion.num_timesteps} must be >= 0 (0 = continuous time).")
+  _choice("diffusion.prediction", diffusion.prediction, parameterization.PREDICTIONS)
+  _choice("diffusion.loss_weighting", diffusion.loss_weighting, losses.WEIGHTINGS)
+  _require(diffusion.min_snr_gamma > 0, f"config.diffusion.min_snr_gamma={diffusion.min_snr_gamma} must be > 0.")
+  _require(0.0 <= diffusion.p_uncond <= 1.0, f"config.diffusion.p_uncond={diffusion.p_uncond} must be in [0, 1].")
+  _require(diffusion.p_uncond == 0 or num_classes > 0,
+           f"config.diffusion.p_uncond={diffusion.p_uncond} needs a class-conditional model "
+           "(config.model.num_classes > 0).")
+  _require(not (diffusion.zero_terminal_snr and diffusion.prediction == "eps"),
+           "config.diffusion.zero_terminal_snr=True needs config.diffusion.prediction='v' or 'x0': "
+           "at SNR 0 the noise is the input and eps prediction cannot recover x0 (Lin et al. 2023, Sec. 3.2).")
+  if diffusion.schedule == "linear":
+    _require(0 < diffusion.beta_start < diffusion.beta_end < 1,
+             f"config.diffusion.beta_start={diffusion.beta_start} and beta_end={diffusion.beta_end} must "
+             "satisfy 0 < beta_start < beta_end < 1.")
+
+
+def validate_optim(optim: ml_collections.ConfigDict) -> None:
+  _require(optim.learning_rate > 0, f"config.optim.learning_rate={optim.learning_rate} must be > 0.")
+  _require(optim.warmup_steps >= 0, f"config.optim.warmup_steps={optim.warmup_steps} must be >= 0.")
+  _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1,
+           f"config.optim.b1={optim.b1} and b2={optim.b2} must be in [0, 1).")
+  _require(optim.eps > 0, f"config.optim.eps={optim.eps} must be > 0.")
+  _require(optim.weight_decay >= 0, f"config.optim.weight_decay={optim.weight_decay} must be >= 0.")
+  _require(optim.grad_clip >= 0, f"config.optim.grad_clip={optim.grad_clip} must be >= 0 (0 disables).")
+  _require(0 <= optim.ema_decay <= 1, f"config.optim.ema_decay={optim.ema_decay} must be in [0, 1].")
+
+
+def validate_training(training: ml_collections.ConfigDict, *, device_count: int) -> None:
+  _require(training.batch_size > 0, f"config.training.batch_size={training.batch_size} must be positive.")
+  _require(training.batch_size % device_count == 0,
+           f"config.training.batch_size={training.batch_size} is not divisible by the {device_count} "
+           "devices: the global batch is split evenly over all devices.")
+  _require(training.num_steps >= 0, f"config.training.num_steps={training.num_steps} must be >= 0.")
+  for key in ("log_every", "checkpoint_every", "max_to_keep"):
+    _require(training[key] > 0, f"config.training.{key}={training[key]} must be positive.")
+  for key in ("sample_every", "keep_every"):
+    _require(training[key] >= 0, f"config.training.{key}={training[key]} must be >= 0 (0 disables).")
+
+
+def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int) -> None:
+  _choice("sample.sampler", sample.sampler, tuple(samplers.SAMPLERS))
+  _require(sample.steps > 0, f"config.sample.steps={sample.steps} must be positive.")
+  _require(sample.num > 0, f"config.sample.num={sample.num} must be positive.")
+  _require(sample.batch_size > 0 and sample.batch_size % device_count == 0,
+           f"config.sample.batch_size={sample.batch_size} must be a positive multiple of the "
+           f"{device_count} devices.")
+  _require(sample.eta >= 0, f"config.sample.eta={sample.eta} must be >= 0.")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, device_count: int, process_count: int) -> None:
+  """Raises ValueError naming the first bad key of config; touches no data and compiles nothing."""
+  input_pipeline.validate_data_config(config.data, global_batch_size=config.training.batch_size,
+                                      process_count=process_count)
+  validate_model(config.model, image_size=config.data.image_size)
+  validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+  validate_optim(config.optim)
+  validate_training(config.training, device_count=device_count)
+  validate_sample(config.sample, device_count=device_count)
+
+
+def validate_against_data(config: ml_collections.ConfigDict, *, num_classes: int) -> None:
+  """Checks that need the dataset's metadata (its number of classes)."""
+  _require(config.model.num_classes == 0 or config.model.num_classes == num_classes,
+           f"config.model.num_classes={config.model.num_classes} but config.data.name="
+           f"{config.data.name!r} has {num_classes} classes.")

@@ -1,0 +1,201 @@
+"""The training loop: restore, step, log, sample, checkpoint, and stop cleanly on preemption."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import input_pipeline
+import models
+from diffusion import schedules
+from training import checkpoints
+from training import config_check
+from training import generate
+from training import train_step as train_step_lib
+from training import writers
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over every device of every process; the batch is split along its 'data' axis."""
+  return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Schedule:
+  return schedules.create_schedule(
+      schedule=diffusion_config.schedule, num_timesteps=diffusion_config.num_timesteps,
+      beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end,
+      zero_terminal_snr=diffusion_config.zero_terminal_snr)
+
+
+def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...],
+                   mesh: jax.sharding.Mesh):
+  """Shapes, dtypes and (replicated) shardings of the train state, without allocating it."""
+  model = models.create_model(config.model)
+  tx, _ = train_step_lib.create_optimizer(config.optim)
+  init = functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
+                           num_classes=config.model.num_classes)
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop reads between steps (saved, then a clean exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:  # Several processes agree through jax's preemption sync point instead.
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json(indent=2))
+    os.replace(path + ".tmp", path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.TrainState:
+  """Trains (or resumes training) the model of config in workdir; returns the final state."""
+  config_check.validate_config(config, device_count=jax.device_count(),
+                               process_count=jax.process_count())
+  mesh = create_mesh()
+  data = input_pipeline.create_dataset(config.data, global_batch_size=config.training.batch_size,
+                                       seed=config.seed, mesh=mesh)
+  config_check.validate_against_data(config, num_classes=data.num_classes)
+  image_shape = (config.data.image_size, config.data.image_size, data.num_channels)
+  model = models.create_model(config.model)
+  schedule = create_schedule(config.diffusion)
+  tx, lr_fn = train_step_lib.create_optimizer(config.optim)
+  replicated = NamedSharding(mesh, P())
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+
+  _write_config(workdir, config)
+  manager = checkpoints.create_manager(workdir, max_to_keep=config.training.max_to_keep,
+                                       keep_every=config.training.keep_every)
+  target = abstract_state(config, image_shape=image_shape, mesh=mesh)
+  restored = checkpoints.restore(manager, target, data_iterator=data)
+  if restored is None:
+    init = jax.jit(functools.partial(train_step_lib.init_state, model=model, tx=tx,
+                                     image_shape=image_shape, num_classes=config.model.num_classes),
+                   out_shardings=replicated)
+    state = init(init_rng)
+    logging.info("Initialised %s parameters.", f"{models.count_params(state.params):,}")
+  else:
+    state, step = restored
+    logging.info("Resumed from the checkpoint at step %d in %s.", step, manager.directory)
+  start_step = int(state.step)
+
+  step_fn = jax.jit(
+      train_step_lib.make_train_step(
+          model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
+          hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
+          num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=train_rng),
+      in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  sampler = None
+  if config.training.sample_every:
+    sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
+                                           image_shape=image_shape)
+
+  writer = writers.MetricWriter(os.path.join(workdir, "train"))
+  num_steps = config.training.num_steps
+  progress = _progress_bar(start_step, num_steps)
+  pending = None  # (metrics, step) of the step in flight; read once the next one is queued.
+  window = []
+  window_start = time.perf_counter()
+  step = start_step
+
+  def check(metrics_step):
+    metrics, at = metrics_step
+    metrics = jax.device_get(metrics)
+    if not metrics["finite"]:
+      raise FloatingPointError(
+          f"Non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at step "
+          f"{at}; the update was refused. The last good checkpoint is in {manager.directory}.")
+    return metrics
+
+  with _Preemption() as preemption:
+    try:
+      while step < num_steps:
+        batch = next(data)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+          window.append(check(pending))
+        pending = (metrics, step)
+        progress.update(1)
+
+        if step % config.training.log_every == 0 or step == num_steps:
+          window.append(check(pending))
+          pending = None
+          elapsed = time.perf_counter() - window_start
+          scalars = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+          scalars["learning_rate"] = float(window[-1]["learning_rate"])
+          scalars["steps_per_sec"] = len(window) / elapsed
+          scalars["images_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size
+          writer.write_scalars(step, scalars)
+          writers.log_scalars(step, scalars)
+          progress.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
+          window, window_start = [], time.perf_counter()
+
+        if sampler is not None and step % config.training.sample_every == 0:
+          grid = writers.image_grid(sampler.sample(state.ema_params, seed=config.sample.seed)[0])
+          if jax.process_index() == 0:
+            writers.save_png(os.path.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
+          writer.write_image(step, "samples", grid)
+
+        preempted = preemption.reached(step)
+        if step % config.training.checkpoint_every == 0 or step == num_steps or preempted:
+          if pending is not None:  # Never save a state whose step has not been checked finite.
+            window.append(check(pending))
+            pending = None
+          checkpoints.save(manager, step, state, data_iterator=data, config=config)
+        if preempted:
+          logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
+          break
+      if pending is not None:
+        check(pending)
+    finally:
+      manager.wait_until_finished()
+      progress.close()
+      writer.close()
+  return state
+
+
+def _progress_bar(start: int, total: int):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(initial=start, total=total, disable=jax.process_index() != 0, dynamic_ncols=True,
+              unit="step", mininterval=2.0)

@@ -1,0 +1,139 @@
+"""The train state, the optimizer and the pure train step (state, batch) -> (state, metrics)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from diffusion import losses
+from diffusion import parameterization
+from diffusion import schedules
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionHParams:
+  """The part of config.diffusion the train step reads."""
+
+  prediction: str = "eps"
+  loss_weighting: str = "simple"
+  min_snr_gamma: float = 5.0
+  p_uncond: float = 0.0
+
+  @classmethod
+  def from_config(cls, diffusion_config: ml_collections.ConfigDict) -> "DiffusionHParams":
+    return cls(prediction=diffusion_config.prediction, loss_weighting=diffusion_config.loss_weighting,
+               min_snr_gamma=diffusion_config.min_snr_gamma, p_uncond=diffusion_config.p_uncond)
+
+
+def learning_rate_schedule(*, learning_rate: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up to learning_rate over warmup_steps, then constant (Ho et al. 2020, App. B)."""
+  if warmup_steps <= 0:
+    return optax.constant_schedule(learning_rate)
+  return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+
+
+def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
+                                                                        optax.Schedule]:
+  """Adam(W) with warm-up and global-norm clipping, from config.optim."""
+  lr = learning_rate_schedule(learning_rate=optim_config.learning_rate,
+                              warmup_steps=optim_config.warmup_steps)
+  adam = optax.adamw(lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                     weight_decay=optim_config.weight_decay)
+  if optim_config.grad_clip > 0:
+    adam = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
+  return adam, lr
+
+
+def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
+               image_shape: tuple[int, ...], num_classes: int) -> TrainState:
+  """Fresh parameters, their EMA copy and the optimizer state."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  y = jnp.zeros((1,), jnp.int32) if num_classes else None
+  params = model.init(rng, x, jnp.zeros((1,)), y, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def sample_times(rng: jax.Array, batch_size: int, schedule: schedules.Schedule) -> jax.Array:
+  """Training times: uniform over the T discrete steps i / T, or over (t_min, 1] in continuous time."""
+  if schedule.num_timesteps:
+    i = jax.random.randint(rng, (batch_size,), 1, schedule.num_timesteps + 1)
+    return i.astype(jnp.float32) / schedule.num_timesteps
+  return jax.random.uniform(rng, (batch_size,), minval=schedule.t_min, maxval=1.0)
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               schedule: schedules.Schedule, tx: optax.GradientTransformation,
+               lr_fn: optax.Schedule, hparams: DiffusionHParams, num_classes: int,
+               ema_decay: float, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the denoising loss; a non-finite loss or gradient leaves the state as it was.
+
+  The step's randomness is fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  t_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
+  x0, labels = batch["image"], batch["label"]
+  batch_size = x0.shape[0]
+
+  # Forward process at random times.
+  t = sample_times(t_rng, batch_size, schedule)
+  alpha, sigma = schedule.alpha_sigma(t)
+  logsnr = schedule.logsnr(t)
+  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  bcast = lambda a: a[:, None, None, None]
+  x_t = parameterization.diffuse(x0=x0, noise=noise, alpha=bcast(alpha), sigma=bcast(sigma))
+
+  # Label dropout to the null class trains the unconditional model for classifier-free guidance.
+  if num_classes:
+    drop = jax.random.uniform(label_rng, (batch_size,)) < hparams.p_uncond
+    labels = jnp.where(drop, num_classes, labels)
+  else:
+    labels = None
+
+  def loss_fn(params):
+    output = model.apply({"params": params}, x_t, schedule.model_time(t), labels, train=True,
+                         rngs={"dropout": dropout_rng})
+    per_example = losses.denoising_loss(
+        output, x0=x0, eps=noise, alpha=alpha, sigma=sigma, logsnr=logsnr,
+        prediction=hparams.prediction, weighting=hparams.loss_weighting, gamma=hparams.min_snr_gamma)
+    return jnp.mean(per_example)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(step=state.step + 1, params=params,
+                         ema_params=ema_update(state.ema_params, params, ema_decay), opt_state=opt_state)
+
+  # Refuse a non-finite update; the host sees finite=False and stops the run naming the step.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_fn(state.step),
+             "finite": finite, "step": state.step}
+  return new_state, metrics
+
+
+def make_train_step(**kwargs) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """train_step with its static arguments bound, ready for jax.jit."""
+  def step(state, batch):
+    return train_step(state, batch, **kwargs)
+  return step
