@@ -9,8 +9,8 @@ if "xla_force_host_platform_device_count" not in flags:
 
 import jax  # pylint: disable=g-import-not-at-top
 
-# Compiled programs are cached across runs (CI reruns are then mostly cache hits).
+# Compiled programs are cached across runs and clones (reruns are then mostly cache hits).
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                 os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache")))
+                                 os.path.expanduser("~/.cache/jax-compilation-cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -38,11 +38,8 @@ def validate_model(model: ml_collections.ConfigDict, *, image_size: int) -> None
   for res in model.attn_resolutions:
     _require(res in resolutions, f"config.model.attn_resolutions contains {res}, which is none of the "
              f"UNet's resolutions {resolutions} for image_size={image_size}.")
-  groups = min(32, model.ch)
   for mult in model.ch_mult:
     ch = model.ch * mult
-    _require(ch % groups == 0, f"config.model.ch={model.ch} times ch_mult {mult} = {ch} channels is not "
-             f"divisible by the {groups} GroupNorm groups.")
     _require(ch % model.num_heads == 0, f"config.model.num_heads={model.num_heads} does not divide the "
              f"{ch} channels of a level with ch_mult {mult}.")
 

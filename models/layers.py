@@ -1,0 +1,126 @@
+"""UNet building blocks (Ho et al. 2020): time embedding, residual, attention, resampling."""
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+  """DDPM's initialiser: variance scaling, fan_avg, uniform (`diffusion_tf/nn.py`)."""
+  # DDPM stands in 1e-10 for a zero scale; exact zeros are equivalent and clearer.
+  if scale == 0.0:
+    return nn.initializers.zeros
+  return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """GroupNorm groups: 32 for DDPM widths (>= 64 channels), else most with >= 2 channels each."""
+  # One channel per group would cancel the embedding that DDPM adds per channel before the norm,
+  # making narrow models blind to t and y.
+  upper = max(min(max_groups, channels // 2), 1)
+  return next(g for g in range(upper, 0, -1) if channels % g == 0)
+
+
+def group_norm(channels: int, dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding [B, dim] of (float) times t [B]: sin half then cos half (DDPM)."""
+  half = dim // 2
+  # DDPM divides by half - 1 (diffusers' downscale_freq_shift=1); ADM divides by half.
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class ResBlock(nn.Module):
+  """Residual block conditioned on an embedding: added (DDPM) or as scale and shift (ADM FiLM)."""
+
+  out_ch: Optional[int] = None
+  dropout: float = 0.0
+  scale_shift: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+    in_ch = x.shape[-1]
+    out_ch = self.out_ch or in_ch
+    h = nn.silu(group_norm(in_ch, self.dtype, name="norm_0")(x))
+    h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(), dtype=self.dtype, name="conv_0")(h)
+
+    emb_out = nn.Dense(
+        2 * out_ch if self.scale_shift else out_ch,
+        kernel_init=default_init(), dtype=self.dtype, name="emb_proj")(nn.silu(emb))
+    emb_out = emb_out[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = group_norm(out_ch, self.dtype, name="norm_1")(h) * (1 + scale) + shift
+    else:
+      h = group_norm(out_ch, self.dtype, name="norm_1")(h + emb_out)
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(0.0), dtype=self.dtype, name="conv_1")(h)
+
+    if in_ch != out_ch:
+      x = nn.Dense(out_ch, kernel_init=default_init(), dtype=self.dtype, name="skip")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+  num_heads: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, height, width, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(
+          f"config.model.num_heads={self.num_heads} does not divide the {c} channels of an "
+          "attention block; pick num_heads dividing ch * ch_mult[i] at every attention level.")
+    head_dim = c // self.num_heads
+    h = group_norm(c, self.dtype, name="norm")(x)
+    qkv = nn.Dense(3 * c, kernel_init=default_init(), dtype=self.dtype, name="qkv")(h)
+    q, k, v = jnp.split(qkv.reshape(b, height * width, 3 * self.num_heads, head_dim), 3, axis=2)
+    h = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, H], scaled by 1/sqrt(H).
+    h = h.reshape(b, height, width, c)
+    h = nn.Dense(c, kernel_init=default_init(0.0), dtype=self.dtype, name="proj_out")(h)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Halves H and W: 3x3 convolution with stride 2, or 2x2 average pooling."""
+
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.with_conv:
+      return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), kernel_init=default_init(),
+                     dtype=self.dtype, name="conv")(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour repetition, then an optional 3x3 convolution."""
+
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = nn.Conv(x.shape[-1], (3, 3), kernel_init=default_init(), dtype=self.dtype, name="conv")(x)
+    return x
