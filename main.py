@@ -6,6 +6,8 @@ This file is intentionally kept short: the logic lives in libraries that can be 
   python main.py --config=configs/cifar10.py --workdir=runs/cifar10 --config.training.batch_size=256
 """
 
+import logging as logging_std
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -24,9 +26,17 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the console; its warnings and errors still show."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("Config:\n%s", FLAGS.config)

@@ -41,10 +41,13 @@ class DiffusionHParams:
 
 
 def learning_rate_schedule(*, learning_rate: float, warmup_steps: int) -> optax.Schedule:
-  """Linear warm-up to learning_rate over warmup_steps, then constant (Ho et al. 2020, App. B)."""
+  """Linear warm-up to learning_rate over warmup_steps, then constant (Ho et al. 2020, App. B).
+
+  Step k (counted from 0) uses learning_rate * min((k + 1) / warmup_steps, 1): the first step moves.
+  """
   if warmup_steps <= 0:
     return optax.constant_schedule(learning_rate)
-  return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  return lambda step: learning_rate * jnp.minimum((step + 1) / warmup_steps, 1.0)
 
 
 def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
