@@ -18,7 +18,9 @@ from training import distributed
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, event files and samples; rerun to resume.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "sample"],
+                  "train: train or resume in workdir; sample: draw config.sample.num images from its "
+                  "latest (or config.sample.checkpoint_step) checkpoint into workdir/samples.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
                     "(SLURM and Cloud TPU pods are detected without it).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
@@ -40,10 +42,14 @@ def main(argv):
   distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("Config:\n%s", FLAGS.config)
-  from training import train  # pylint: disable=g-import-not-at-top  (after jax.distributed)
+  # Imported after jax.distributed is initialised.
+  from training import sample  # pylint: disable=g-import-not-at-top
+  from training import train  # pylint: disable=g-import-not-at-top
 
   if FLAGS.mode == "train":
     train.train(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "sample":
+    sample.sample(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.sampler = "ddim"  # Sampler name, looked up in diffusion.samplers.SAMPLERS.
   sample.steps = 100  # Number of sampler steps.
-  sample.eta = 0.0  # DDIM eta (0 = deterministic).
+  sample.grid = ml_collections.config_dict.placeholder(str)  # Time grid (diffusion.grids.GRIDS); None = the sampler's default.
+  sample.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM ancestral).
+  sample.ddpm_variance = "small"  # DDPM posterior variance: "small" (beta-tilde) or "large" (beta).
+  sample.s_churn = 0.0  # Euler / Heun stochastic churn (Karras et al. 2022, Alg. 2).
   sample.guidance_scale = 1.0  # Classifier-free guidance scale w (1 = conditional, 0 = unconditional).
+  sample.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023); 0 disables.
+  sample.dynamic_threshold = ml_collections.config_dict.placeholder(float)  # Percentile p of x0 thresholding (Saharia et al. 2022); None disables.
+  sample.checkpoint_step = ml_collections.config_dict.placeholder(int)  # --mode=sample: checkpoint to use; None = latest.
   sample.num = 64  # Images drawn (grid during training; total in --mode=sample).
   sample.seed = 0  # Seed of the starting noise.
   sample.batch_size = 64  # Global batch of one sampling call.

@@ -15,15 +15,17 @@ def get_config():
   config.model.attn_resolutions = (8,)
   config.model.dropout = 0.0
   config.model.scale_shift = True
+  config.model.num_classes = 10  # Class-conditional: each column of a sample grid is one digit.
 
   config.diffusion.schedule = "cosine"
+  config.diffusion.p_uncond = 0.1  # Also learn the unconditional model, for classifier-free guidance.
 
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
   config.optim.ema_decay = 0.995
 
   config.training.batch_size = 64
-  config.training.num_steps = 1500
+  config.training.num_steps = 1000
   config.training.log_every = 50
   config.training.sample_every = 500
   config.training.checkpoint_every = 250
@@ -31,5 +33,6 @@ def get_config():
 
   config.sample.sampler = "ddim"
   config.sample.steps = 50
-  config.sample.num = 64
+  config.sample.num = 100
+  config.sample.batch_size = 100
   return config

@@ -12,6 +12,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from configs import default as default_config
+
 
 class DataIteratorHandler(ocp.CheckpointHandler):
   """Saves each process's data-iterator state as process_<i>-of-<n>.json (as grain's own handler)."""
@@ -59,13 +61,15 @@ def create_manager(workdir: str, *, max_to_keep: int = 3, keep_every: int = 0,
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, data_iterator: Any = None,
-         config: ml_collections.ConfigDict | None = None) -> bool:
-  """Starts an async save of the state (and data position and config) at step."""
+         config: ml_collections.ConfigDict | None = None, image_shape: tuple[int, ...] | None = None) -> bool:
+  """Starts an async save of the state (and data position, config and image shape) at step."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = DataIteratorSave(data_iterator)
   if config is not None:
     items["config"] = ocp.args.JsonSave(config.to_dict())
+  if image_shape is not None:
+    items["image"] = ocp.args.JsonSave({"shape": list(image_shape)})
   return manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -88,14 +92,36 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, *, step: int | 
   return restored["state"], step
 
 
+def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
+  for key, value in saved.items():
+    if key not in config:
+      config[key] = value
+    elif isinstance(value, dict):
+      _merge(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(config[key], tuple) else value
+
+
 def restore_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-  """The config a run in workdir was trained with (saved beside each checkpoint)."""
+  """The config a run in workdir was trained with (saved beside each checkpoint).
+
+  It is laid over configs/default.py, so keys added since the run was trained take their defaults.
+  """
   manager = create_manager(workdir, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"No checkpoint and no config.json in {workdir}.")
-    return ml_collections.ConfigDict(json.loads(open(path).read()))
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored["config"])
+    saved = json.loads(open(path).read())
+  else:
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  config = default_config.get_config()
+  _merge(config, saved)
+  return config
+
+
+def restore_image_shape(manager: ocp.CheckpointManager, step: int) -> tuple[int, ...]:
+  """The [H, W, C] shape of the images the checkpoint's model was trained on."""
+  restored = manager.restore(step, args=ocp.args.Composite(image=ocp.args.JsonRestore()))
+  return tuple(restored["image"]["shape"])

@@ -6,6 +6,7 @@ import ml_collections
 
 import input_pipeline
 import models
+from diffusion import grids
 from diffusion import losses
 from diffusion import parameterization
 from diffusion import samplers
@@ -95,6 +96,16 @@ def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int) -> 
            f"config.sample.batch_size={sample.batch_size} must be a positive multiple of the "
            f"{device_count} devices.")
   _require(sample.eta >= 0, f"config.sample.eta={sample.eta} must be >= 0.")
+  if sample.grid is not None:
+    _choice("sample.grid", sample.grid, tuple(grids.GRIDS))
+  _choice("sample.ddpm_variance", sample.ddpm_variance, ("small", "large"))
+  _require(sample.s_churn >= 0, f"config.sample.s_churn={sample.s_churn} must be >= 0.")
+  _require(sample.guidance_scale >= 0, f"config.sample.guidance_scale={sample.guidance_scale} must be >= 0.")
+  _require(0 <= sample.guidance_rescale <= 1,
+           f"config.sample.guidance_rescale={sample.guidance_rescale} must be in [0, 1].")
+  _require(sample.dynamic_threshold is None or 0 < sample.dynamic_threshold <= 1,
+           f"config.sample.dynamic_threshold={sample.dynamic_threshold} must be a quantile in (0, 1] "
+           "(e.g. 0.995) or None.")
 
 
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int, process_count: int) -> None:

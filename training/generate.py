@@ -31,19 +31,33 @@ class SampleOptions:
 
   sampler: str = "ddim"
   steps: int = 100
+  grid: str | None = None
   eta: float = 0.0
+  ddpm_variance: str = "small"
+  s_churn: float = 0.0
   guidance_scale: float = 1.0
+  guidance_rescale: float = 0.0
+  dynamic_threshold: float | None = None
   batch_size: int = 64
   prediction: str = "eps"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SampleOptions":
-    return cls(sampler=config.sample.sampler, steps=config.sample.steps, eta=config.sample.eta,
-               guidance_scale=config.sample.get("guidance_scale", 1.0),
-               batch_size=config.sample.batch_size, prediction=config.diffusion.prediction)
+    s = config.sample
+    return cls(sampler=s.sampler, steps=s.steps, grid=s.grid, eta=s.eta, ddpm_variance=s.ddpm_variance,
+               s_churn=s.s_churn, guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
+               dynamic_threshold=s.dynamic_threshold, batch_size=s.batch_size,
+               prediction=config.diffusion.prediction)
 
   def sampler_options(self) -> dict[str, Any]:
-    return {"eta": self.eta} if self.sampler == "ddim" else {}
+    """The keyword options of the chosen sampler (the others' knobs do not apply to it)."""
+    if self.sampler == "ddim":
+      return {"eta": self.eta}
+    if self.sampler == "ddpm":
+      return {"variance": self.ddpm_variance}
+    if self.sampler in ("euler", "heun"):
+      return {"s_churn": self.s_churn}
+    return {}
 
 
 class Sampler:
@@ -68,9 +82,10 @@ class Sampler:
       denoise_fn = guidance.make_denoise_fn(
           apply_fn, schedule=schedule, prediction=options.prediction,
           labels=labels if num_classes else None, null_label=num_classes if num_classes else None,
-          guidance_scale=options.guidance_scale)
+          guidance_scale=options.guidance_scale, guidance_rescale=options.guidance_rescale,
+          dynamic_threshold=options.dynamic_threshold)
       x0 = samplers.sample(options.sampler, denoise_fn, x_T, sampler_rng, schedule=schedule,
-                           steps=options.steps, **options.sampler_options())
+                           steps=options.steps, grid=options.grid, **options.sampler_options())
       return jnp.clip(x0, -1.0, 1.0)
 
     self._sample_batch = jax.jit(sample_batch, out_shardings=self._batch_sharding)

@@ -172,7 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
           window, window_start = [], time.perf_counter()
 
         if sampler is not None and step % config.training.sample_every == 0:
-          grid = writers.image_grid(sampler.sample(state.ema_params, seed=config.sample.seed)[0])
+          images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
+          grid = writers.image_grid(images, cols=config.model.num_classes or None)
           if jax.process_index() == 0:
             writers.save_png(os.path.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
           writer.write_image(step, "samples", grid)
@@ -182,7 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
           if pending is not None:  # Never save a state whose step has not been checked finite.
             window.append(check(pending))
             pending = None
-          checkpoints.save(manager, step, state, data_iterator=data, config=config)
+          checkpoints.save(manager, step, state, data_iterator=data, config=config,
+                           image_shape=image_shape)
         if preempted:
           logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
           break

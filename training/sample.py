@@ -1,0 +1,84 @@
+"""--mode=sample: draw images from a workdir's checkpoint with any sampler, whatever it was trained with.
+
+The model, schedule and parameterisation come from the config saved with the checkpoint; the sampling
+settings (config.sample) from the command line. Results go to workdir/samples/ as a .npz (uint8 images,
+labels, the settings used) and a PNG grid, under a new name each time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import models
+from training import checkpoints
+from training import config_check
+from training import generate
+from training import train as train_lib
+from training import writers
+
+
+def unique_path(directory: str, stem: str, suffixes: tuple[str, ...]) -> str:
+  """directory/stem, or stem_1, stem_2, ... so that no file stem + suffix exists yet."""
+  candidate, n = stem, 0
+  while any(os.path.exists(os.path.join(directory, candidate + s)) for s in suffixes):
+    n += 1
+    candidate = f"{stem}_{n}"
+  return os.path.join(directory, candidate)
+
+
+def load_trained_config(workdir: str, config: ml_collections.ConfigDict, step: int | None):
+  """The checkpoint's own config, with config.sample (and the seed) taken from the command line."""
+  trained = checkpoints.restore_config(workdir, step)
+  trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
+  return trained
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Draws config.sample.num images from the EMA params; returns the path stem of the files written."""
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  step = config.sample.checkpoint_step
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
+                              "(--mode=train) or pass the workdir of a trained run.")
+  elif step not in manager.all_steps():
+    raise ValueError(f"config.sample.checkpoint_step={step} is not a checkpoint of {workdir}; "
+                     f"there are {sorted(manager.all_steps())}.")
+  trained = load_trained_config(workdir, config, step)
+  config_check.validate_sample(trained.sample, device_count=jax.device_count())
+  config_check.validate_model(trained.model, image_size=trained.data.image_size)
+
+  mesh = train_lib.create_mesh()
+  image_shape = checkpoints.restore_image_shape(manager, step)
+  target = train_lib.abstract_state(trained, image_shape=image_shape, mesh=mesh)
+  state, _ = checkpoints.restore(manager, target, step=step)
+  sampler = generate.Sampler.from_config(trained, model=models.create_model(trained.model),
+                                         schedule=train_lib.create_schedule(trained.diffusion),
+                                         mesh=mesh, image_shape=image_shape)
+  start = time.perf_counter()
+  images, labels = sampler.sample(state.ema_params, seed=trained.sample.seed, num=trained.sample.num)
+  seconds = time.perf_counter() - start
+
+  s = trained.sample
+  stem = f"step{step}_{s.sampler}_{s.steps}steps_w{s.guidance_scale:g}_seed{s.seed}"
+  out_dir = os.path.join(workdir, "samples")
+  path = unique_path(out_dir, stem, (".npz", ".png"))
+  settings = {"checkpoint_step": step, "seconds": seconds, "num_devices": jax.device_count(),
+              **sampler.options.__dict__, "seed": s.seed, "num": s.num}
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path + ".npz.tmp", "wb") as f:
+      np.savez(f, images=images, labels=labels, settings=json.dumps(settings))
+    os.replace(path + ".npz.tmp", path + ".npz")
+    writers.save_png(path + ".png", writers.image_grid(images, cols=trained.model.num_classes or None))
+  logging.info("Drew %d images with %s, %d steps, in %.1f s: %s.{npz,png}", len(images), s.sampler,
+               s.steps, seconds, path)
+  return path
