@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.scale_shift = False  # ADM scale-shift (FiLM) conditioning; DDPM adds the embedding instead.
   model.resamp_with_conv = True  # Convolutions in down/up sampling (DDPM).
   model.num_classes = 0  # Class-conditional if > 0; label num_classes is the "null" class.
+  model.dtype = "float32"  # Compute dtype, "float32" or "bfloat16" (params, optimizer state, EMA and loss stay float32).
+  model.attention = "xla"  # jax.nn.dot_product_attention implementation: None (jax picks), "xla" or "cudnn" (GPU, bfloat16).
+  model.remat = False  # Rematerialise each residual block in the backward pass (less memory, ~1/3 more compute).
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).
@@ -68,10 +71,21 @@ def get_config() -> ml_collections.ConfigDict:
   sample.s_churn = 0.0  # Euler / Heun stochastic churn (Karras et al. 2022, Alg. 2).
   sample.guidance_scale = 1.0  # Classifier-free guidance scale w (1 = conditional, 0 = unconditional).
   sample.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023); 0 disables.
+  sample.clip_x0 = True  # Clip predicted x0 to [-1, 1] at every step (DDPM's clip_denoised).
   sample.dynamic_threshold = ml_collections.config_dict.placeholder(float)  # Percentile p of x0 thresholding (Saharia et al. 2022); None disables.
   sample.checkpoint_step = ml_collections.config_dict.placeholder(int)  # --mode=sample: checkpoint to use; None = latest.
   sample.num = 64  # Images drawn (grid during training; total in --mode=sample).
   sample.seed = 0  # Seed of the starting noise.
   sample.batch_size = 64  # Global batch of one sampling call.
+
+  config.eval = eval_ = ml_collections.ConfigDict()
+  eval_.inception_path = "~/.cache/fid/pt_inception-2015-12-05.npz"  # FID Inception weights, converted by scripts/convert_inception.py.
+  eval_.num_samples = 50_000  # Images sampled per checkpoint for FID and IS; papers use 50k.
+  eval_.fid_stats_path = ml_collections.config_dict.placeholder(str)  # Reference mu/sigma .npz (--mode=fid_stats); None = workdir/eval/fid_stats_<data>.npz.
+  eval_.batch_size = 256  # Global batch of sampling, the Inception network and NLL.
+  eval_.nll = False  # Also report NLL in bits/dim: PF-ODE, and the variational bound for discrete-time models.
+  eval_.nll_num = 1000  # Images of config.data.split whose NLL is averaged.
+  eval_.nll_hutchinson = True  # Hutchinson-Skilling trace estimate in the PF-ODE; False = exact trace (D JVPs).
+  eval_.step = ml_collections.config_dict.placeholder(int)  # Checkpoint to evaluate; None = every one not yet evaluated.
 
   return config

@@ -32,7 +32,7 @@ class Schedule:
 
   def logsnr(self, t: Array) -> Array:
     """log(alpha(t)^2 / sigma(t)^2), decreasing in t."""
-    return self.logsnr_fn(jnp.asarray(t, jnp.float32))
+    return self.logsnr_fn(_as_float(t))
 
   def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
     """alpha(t), sigma(t) of a VP process: alpha^2 = sigmoid(logSNR), sigma^2 = sigmoid(-logSNR)."""
@@ -41,7 +41,7 @@ class Schedule:
 
   def t_from_logsnr(self, logsnr: Array) -> Array:
     """The time at which the process reaches the given logSNR (for logSNR- and sigma-uniform grids)."""
-    return self.t_from_logsnr_fn(jnp.asarray(logsnr, jnp.float32))
+    return self.t_from_logsnr_fn(_as_float(logsnr))
 
   @property
   def t_min(self) -> float:
@@ -51,6 +51,12 @@ class Schedule:
   def model_time(self, t: Array) -> Array:
     """The network's time input: 1000 t, so step i of a 1000-step schedule is fed as i."""
     return 1000.0 * jnp.asarray(t, jnp.float32)
+
+
+def _as_float(x: Array) -> Array:
+  """x as a float array of at least float32, so float64 times (under jax x64) keep their precision."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def jax_sigmoid(x: Array) -> Array:

@@ -38,6 +38,7 @@ class SampleOptions:
   guidance_scale: float = 1.0
   guidance_rescale: float = 0.0
   dynamic_threshold: float | None = None
+  clip_x0: bool = True
   batch_size: int = 64
   prediction: str = "eps"
 
@@ -46,7 +47,7 @@ class SampleOptions:
     s = config.sample
     return cls(sampler=s.sampler, steps=s.steps, grid=s.grid, eta=s.eta, ddpm_variance=s.ddpm_variance,
                s_churn=s.s_churn, guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
-               dynamic_threshold=s.dynamic_threshold, batch_size=s.batch_size,
+               dynamic_threshold=s.dynamic_threshold, clip_x0=s.clip_x0, batch_size=s.batch_size,
                prediction=config.diffusion.prediction)
 
   def sampler_options(self) -> dict[str, Any]:
@@ -83,7 +84,7 @@ class Sampler:
           apply_fn, schedule=schedule, prediction=options.prediction,
           labels=labels if num_classes else None, null_label=num_classes if num_classes else None,
           guidance_scale=options.guidance_scale, guidance_rescale=options.guidance_rescale,
-          dynamic_threshold=options.dynamic_threshold)
+          dynamic_threshold=options.dynamic_threshold, clip_x0=options.clip_x0)
       x0 = samplers.sample(options.sampler, denoise_fn, x_T, sampler_rng, schedule=schedule,
                            steps=options.steps, grid=options.grid, **options.sampler_options())
       return jnp.clip(x0, -1.0, 1.0)

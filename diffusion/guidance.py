@@ -1,0 +1,89 @@
+"""From a network to the samplers' denoise_fn: classifier-free guidance, its rescale, dynamic thresholding.
+
+denoise_fn(x_t, t) -> (x0_hat, eps_hat) hides the network, its parameterisation and the guidance from
+the samplers, so every sampler runs every model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from diffusion import parameterization
+from diffusion import schedules
+
+Array = jnp.ndarray
+
+
+def _per_example(x: Array) -> tuple[int, ...]:
+  return tuple(range(1, x.ndim))
+
+
+def classifier_free_guidance(*, cond: Array, uncond: Array, scale: float | Array) -> Array:
+  """Ho & Salimans 2022, Eq. 6: uncond + w (cond - uncond); w = 1 is conditional, w = 0 unconditional."""
+  return uncond + scale * (cond - uncond)
+
+
+def rescale_guidance(*, guided: Array, cond: Array, phi: float | Array) -> Array:
+  """Lin et al. 2023, Sec. 3.4, Eq. 15-16: phi x_cfg std(x_pos) / std(x_cfg) + (1 - phi) x_cfg per example."""
+  axes = _per_example(guided)
+  rescaled = guided * (jnp.std(cond, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True))
+  return phi * rescaled + (1.0 - phi) * guided
+
+
+def dynamic_threshold(x0: Array, *, percentile: float) -> Array:
+  """Saharia et al. 2022, Sec. 2.3: s = max(1, percentile p of |x0|) per example; clip(x0, -s, s) / s."""
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+  s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -s, s) / s
+
+
+def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule: schedules.Schedule,
+                    prediction: str, labels: Array | None = None, null_label: int | None = None,
+                    guidance_scale: float | Array = 1.0, guidance_rescale: float = 0.0,
+                    dynamic_threshold: float | None = None,
+                    clip_x0: bool = False) -> Callable[[Array, Array], tuple[Array, Array]]:
+  """denoise_fn(x_t, t) -> (x0_hat, eps_hat) from apply_fn(x, model_time, labels) -> network output.
+
+  model_time is schedule.model_time(t) broadcast to [B]. With labels, classifier-free guidance of scale
+  w mixes the conditional and the null-label (unconditional) outputs, both from one forward pass of
+  the doubled batch; a Python w = 1 (without rescale) skips the unconditional half. Guidance and its
+  rescale (phi = guidance_rescale) act on the network's output, as in diffusers. dynamic_threshold = p
+  clips x0_hat at the p-th percentile of |x0_hat|; clip_x0 clips it to the data range [-1, 1] (DDPM's
+  clip_denoised, Ho et al. 2020's sampler; it keeps eps models stable where alpha(t) is near 0). Either
+  way eps_hat is then recomputed from the clipped x0_hat, so the pair stays consistent with
+  x_t = alpha x0 + sigma eps.
+  """
+  plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0 and not guidance_rescale
+  guided = labels is not None and not plain
+  if guided and null_label is None:
+    raise ValueError("classifier-free guidance (config.sample.guidance_scale != 1) needs the null label "
+                     "of a model trained with config.diffusion.p_uncond > 0.")
+
+  def denoise_fn(x: Array, t: Array) -> tuple[Array, Array]:
+    alpha, sigma = schedule.alpha_sigma(t)
+    model_time = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],))
+    if guided:
+      out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([model_time, model_time]),
+                     jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+      cond, uncond = jnp.split(out.astype(x.dtype), 2)
+      out = classifier_free_guidance(cond=cond, uncond=uncond, scale=guidance_scale)
+      if guidance_rescale:
+        out = rescale_guidance(guided=out, cond=cond, phi=guidance_rescale)
+    else:
+      out = apply_fn(x, model_time, labels).astype(x.dtype)
+    alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
+    x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, alpha=alpha, sigma=sigma)
+    if dynamic_threshold is not None:
+      x0 = _threshold(x0, percentile=dynamic_threshold)
+    elif clip_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+    if dynamic_threshold is not None or clip_x0:
+      eps = parameterization.x0_to_eps(x_t=x, x0=x0, alpha=alpha, sigma=sigma)
+    return x0, eps
+
+  return denoise_fn
+
+
+_threshold = dynamic_threshold  # make_denoise_fn's argument of the same name shadows it.
