@@ -388,32 +388,10 @@ def _karras_sampler(body_fn, x_T: Array, timesteps: Array, rng: Array, schedule:
   return (alpha_n * x).astype(x_T.dtype)
 
 
-def sample_euler(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
-                 schedule: schedules.Schedule, s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = float("inf"), s_noise: float = 1.0) -> Array:
-  """Euler on the probability-flow ODE in sigma (Karras et al. 2022, Alg. 2 without line 9-11 correction).
-
-  Deterministic with s_churn = 0, where it equals DDIM (eta = 0) step for step.
-  """
-  n = timesteps.shape[0] - 1
-
-  def body(x, xs):
-    _, t, t_next, key = xs
-    sigma, sigma_next = karras_sigma(schedule, t), karras_sigma(schedule, t_next)
-    x, t_hat, sigma_hat = _churn(x=x, t=t, sigma=sigma, n=n, key=key, schedule=schedule, s_churn=s_churn,
-                                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-    d = _ve_derivative(denoise_fn, x, t_hat, sigma_hat)
-    return (x + (sigma_next - sigma_hat) * d).astype(x.dtype)
-  return _karras_sampler(body, x_T, timesteps, rng, schedule)
-
-
-def sample_heun(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
-                schedule: schedules.Schedule, s_churn: float = 0.0, s_tmin: float = 0.0,
-                s_tmax: float = float("inf"), s_noise: float = 1.0) -> Array:
-  """Heun's second-order method (Karras et al. 2022, Alg. 1, and Alg. 2 with churn): two calls per step,
-
-  one on the last step to sigma = 0, where the Euler step is kept (Alg. 1 line 7).
-  """
+def _karras_ode(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
+                schedule: schedules.Schedule, heun: bool, s_churn: float, s_tmin: float, s_tmax: float,
+                s_noise: float) -> Array:
+  """Karras et al. 2022, Alg. 2: churn, an Euler step in sigma, and with heun its trapezoidal correction."""
   n = timesteps.shape[0] - 1
 
   def body(x, xs):
@@ -423,12 +401,36 @@ def sample_heun(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array,
                                  s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     d = _ve_derivative(denoise_fn, x, t_hat, sigma_hat)
     x_euler = x + (sigma_next - sigma_hat) * d
+    if not heun:
+      return x_euler.astype(x.dtype)
 
     def correct():
       d_next = _ve_derivative(denoise_fn, x_euler, t_next, sigma_next)
       return x + (sigma_next - sigma_hat) * (0.5 * (d + d_next))
     return lax.cond(sigma_next > 0, correct, lambda: x_euler).astype(x.dtype)
   return _karras_sampler(body, x_T, timesteps, rng, schedule)
+
+
+def sample_euler(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
+                 schedule: schedules.Schedule, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0) -> Array:
+  """Euler on the probability-flow ODE in sigma (Karras et al. 2022, Alg. 2 without line 9-11 correction).
+
+  Deterministic with s_churn = 0, where it equals DDIM (eta = 0) step for step.
+  """
+  return _karras_ode(denoise_fn, x_T, timesteps, rng, schedule=schedule, heun=False, s_churn=s_churn,
+                     s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+
+
+def sample_heun(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
+                schedule: schedules.Schedule, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = float("inf"), s_noise: float = 1.0) -> Array:
+  """Heun's second-order method (Karras et al. 2022, Alg. 1, and Alg. 2 with churn): two calls per step,
+
+  one on the last step to sigma = 0, where the Euler step is kept (Alg. 1 line 7).
+  """
+  return _karras_ode(denoise_fn, x_T, timesteps, rng, schedule=schedule, heun=True, s_churn=s_churn,
+                     s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
 
 def sample_euler_a(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
