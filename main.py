@@ -18,9 +18,11 @@ from training import distributed
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, event files and samples; rerun to resume.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "fid_stats", "eval"],
                   "train: train or resume in workdir; sample: draw config.sample.num images from its "
-                  "latest (or config.sample.checkpoint_step) checkpoint into workdir/samples.")
+                  "latest (or config.sample.checkpoint_step) checkpoint into workdir/samples; fid_stats: "
+                  "Inception statistics of config.data's split; eval: FID, IS (and NLL) of every "
+                  "checkpoint not yet evaluated, into workdir/eval/metrics.jsonl.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
                     "(SLURM and Cloud TPU pods are detected without it).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
@@ -43,13 +45,14 @@ def main(argv):
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("Config:\n%s", FLAGS.config)
   # Imported after jax.distributed is initialised.
+  from evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from evaluation import fid  # pylint: disable=g-import-not-at-top
   from training import sample  # pylint: disable=g-import-not-at-top
   from training import train  # pylint: disable=g-import-not-at-top
 
-  if FLAGS.mode == "train":
-    train.train(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == "sample":
-    sample.sample(FLAGS.config, FLAGS.workdir)
+  modes = {"train": train.train, "sample": sample.sample, "fid_stats": fid.compute_reference_stats,
+           "eval": evaluate.evaluate}
+  modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

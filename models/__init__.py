@@ -5,11 +5,15 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from models.unet import UNet
 
 MODELS = {"unet": UNet}
+# config.model.dtype: the compute dtype; parameters, optimizer state and EMA stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION = (None, "xla", "cudnn")  # config.model.attention, jax.nn.dot_product_attention's implementation.
 
 
 def create_model(model_config: Mapping[str, Any]) -> nn.Module:
@@ -25,6 +29,10 @@ def create_model(model_config: Mapping[str, Any]) -> nn.Module:
     raise ValueError(f"config.model.{unknown[0]} is not a field of {cls.__name__}; "
                      f"allowed: name, {', '.join(allowed)}.")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  if "dtype" in kwargs:
+    if kwargs["dtype"] not in DTYPES:
+      raise ValueError(f"config.model.dtype={kwargs['dtype']!r} is not one of {', '.join(DTYPES)}.")
+    kwargs["dtype"] = DTYPES[kwargs["dtype"]]
   return cls(**kwargs)
 
 

@@ -51,7 +51,8 @@ class ResBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    # train is positional so that nn.remat can mark it static (UNet.remat).
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
     h = nn.silu(group_norm(in_ch, self.dtype, name="norm_0")(x))
@@ -80,6 +81,7 @@ class AttnBlock(nn.Module):
 
   num_heads: int = 1
   dtype: Dtype = jnp.float32
+  attention: Optional[str] = "xla"  # jax.nn.dot_product_attention's implementation.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,7 +94,8 @@ class AttnBlock(nn.Module):
     h = group_norm(c, self.dtype, name="norm")(x)
     qkv = nn.Dense(3 * c, kernel_init=default_init(), dtype=self.dtype, name="qkv")(h)
     q, k, v = jnp.split(qkv.reshape(b, height * width, 3 * self.num_heads, head_dim), 3, axis=2)
-    h = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, H], scaled by 1/sqrt(H).
+    # [B, T, N, H], scaled by 1/sqrt(H).
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention)
     h = h.reshape(b, height, width, c)
     h = nn.Dense(c, kernel_init=default_init(0.0), dtype=self.dtype, name="proj_out")(h)
     return x + h

@@ -25,6 +25,8 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   num_classes: int = 0
   dtype: Dtype = jnp.float32  # Compute dtype; parameters stay float32.
+  attention: Optional[str] = "xla"  # jax.nn.dot_product_attention implementation: None, "xla", "cudnn".
+  remat: bool = False  # Recompute each residual block in the backward pass instead of storing it.
 
   def _check_inputs(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array]) -> None:
     if x.ndim != 4:
@@ -48,9 +50,12 @@ class UNet(nn.Module):
     self._check_inputs(x, t, y)
     t = jnp.broadcast_to(t, (x.shape[0],))
     num_levels = len(self.ch_mult)
+    # nn.remat keeps only each block's inputs for the backward pass; argument 3 (train) is static.
+    res_cls = nn.remat(layers.ResBlock, static_argnums=(3,)) if self.remat else layers.ResBlock
     res_block = functools.partial(
-        layers.ResBlock, dropout=self.dropout, scale_shift=self.scale_shift, dtype=self.dtype)
-    attn_block = functools.partial(layers.AttnBlock, self.num_heads, dtype=self.dtype)
+        res_cls, dropout=self.dropout, scale_shift=self.scale_shift, dtype=self.dtype)
+    attn_block = functools.partial(layers.AttnBlock, self.num_heads, dtype=self.dtype,
+                                   attention=self.attention)
 
     # Time (and label) embedding.
     emb = layers.timestep_embedding(t, self.ch)
@@ -70,7 +75,7 @@ class UNet(nn.Module):
     for level in range(num_levels):
       for i in range(self.num_res_blocks):
         h = res_block(self.ch * self.ch_mult[level], name=f"down_{level}_res_{i}")(
-            hs[-1], emb, train=train)
+            hs[-1], emb, train)
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(name=f"down_{level}_attn_{i}")(h)
         hs.append(h)
@@ -80,16 +85,16 @@ class UNet(nn.Module):
 
     # Middle.
     h = hs[-1]
-    h = res_block(name="mid_res_0")(h, emb, train=train)
+    h = res_block(name="mid_res_0")(h, emb, train)
     h = attn_block(name="mid_attn")(h)
-    h = res_block(name="mid_res_1")(h, emb, train=train)
+    h = res_block(name="mid_res_1")(h, emb, train)
 
     # Up path.
     for level in reversed(range(num_levels)):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res_block(self.ch * self.ch_mult[level], name=f"up_{level}_res_{i}")(
-            h, emb, train=train)
+            h, emb, train)
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(name=f"up_{level}_attn_{i}")(h)
       if level != 0:

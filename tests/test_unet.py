@@ -3,6 +3,7 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -179,3 +180,89 @@ def test_create_model_errors():
     models.create_model(config)
   with pytest.raises(ValueError, match=r"config\.model\.width is not a field of UNet"):
     models.create_model(ml_collections.ConfigDict(dict(name="unet", width=3, **TINY)))
+
+
+def _grads(model, params, x, t):
+  def loss(p):
+    out = model.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.key(7)})
+    return jnp.mean(jnp.square(out - x))
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_same_params_and_gradients():
+  x, t = _images(3), jnp.array([10.0, 700.0])
+  plain, remat = UNet(**TINY, dropout=0.3), UNet(**TINY, dropout=0.3, remat=True)
+  params = _random_params(plain, x)
+  assert jax.tree.structure(_param_shapes(remat, x)) == jax.tree.structure(params)
+  (loss_a, grads_a), (loss_b, grads_b) = _grads(plain, params, x, t), _grads(remat, params, x, t)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)  # Same dropout masks: the same function.
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_output_and_gradients_close_to_float32():
+  x, t = _images(3), jnp.array([10.0, 700.0])
+  fp32, bf16 = UNet(**TINY), UNet(**TINY, dtype=jnp.bfloat16)
+  params = _random_params(fp32, x)
+  out_32 = jax.jit(lambda p: fp32.apply({"params": p}, x, t, train=False))(params)
+  out_16 = jax.jit(lambda p: bf16.apply({"params": p}, x, t, train=False))(params)
+  assert out_16.dtype == jnp.float32
+  scale = float(jnp.max(jnp.abs(out_32)))
+  assert float(jnp.max(jnp.abs(out_16 - out_32))) < 0.05 * scale  # bf16 has 8 bits of mantissa.
+  assert float(jnp.max(jnp.abs(out_16 - out_32))) > 0  # It did compute in bfloat16.
+  (_, g32), (_, g16) = _grads(fp32, params, x, t), _grads(bf16, params, x, t)
+  assert {leaf.dtype for leaf in jax.tree.leaves(g16)} == {jnp.dtype(jnp.float32)}
+  cos = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16))) / (
+      math.sqrt(sum(float(jnp.vdot(a, a)) for a in jax.tree.leaves(g32)))
+      * math.sqrt(sum(float(jnp.vdot(b, b)) for b in jax.tree.leaves(g16))))
+  assert cos > 0.99
+
+
+@pytest.mark.parametrize("attention", [None, "xla"])
+def test_attention_block_matches_softmax_attention(attention):
+  x = jax.random.normal(jax.random.key(3), (2, 4, 4, 16))
+  block = layers.AttnBlock(num_heads=2, attention=attention)
+  params = jax.tree.map(lambda p: p + 0.1,  # proj_out starts at zero: move it so it counts.
+                        block.init(jax.random.key(4), x)["params"])
+  out = block.apply({"params": params}, x)
+  # By hand: GroupNorm, qkv, per-head softmax(q k^T / sqrt(8)) v, projection, residual.
+  h = np.asarray(nn.GroupNorm(num_groups=layers.num_groups(16), epsilon=1e-6).apply(
+      {"params": params["norm"]}, x)).reshape(2, 16, 16)
+  qkv = h @ np.asarray(params["qkv"]["kernel"]) + np.asarray(params["qkv"]["bias"])
+  q, k, v = (qkv[..., i * 16:(i + 1) * 16].reshape(2, 16, 2, 8) for i in range(3))
+  logits = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(8)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  attn = np.einsum("bnqk,bknh->bqnh", weights, v).reshape(2, 16, 16)
+  expected = np.asarray(x).reshape(2, 16, 16) + attn @ np.asarray(params["proj_out"]["kernel"]) + \
+      np.asarray(params["proj_out"]["bias"])
+  np.testing.assert_allclose(out.reshape(2, 16, 16), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_create_model_switches_from_config():
+  config = default.get_config().model
+  config.update(dtype="bfloat16", attention="cudnn", remat=True, **TINY)
+  model = models.create_model(config)
+  assert (model.dtype, model.attention, model.remat) == (jnp.bfloat16, "cudnn", True)
+  assert models.create_model(default.get_config().model).dtype == jnp.float32
+  config.dtype = "float16"
+  with pytest.raises(ValueError, match=r"config\.model\.dtype='float16' is not one of float32, bfloat16"):
+    models.create_model(config)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("dtype", "float16", r"config\.model\.dtype='float16' is not one of float32, bfloat16\."),
+    ("attention", "flash", r"config\.model\.attention='flash' is not one of None, xla, cudnn\."),
+    ("attention", "cudnn", r"config\.model\.attention='cudnn' needs config\.model\.dtype='bfloat16'"),
+])
+def test_validate_model_switches(key, value, message):
+  from training import config_check  # pylint: disable=g-import-not-at-top
+  config = default.get_config().model
+  config[key] = value
+  with pytest.raises(ValueError, match=message):
+    config_check.validate_model(config, image_size=32)
+  config.update(dtype="bfloat16", attention="cudnn", remat=True)
+  config_check.validate_model(config, image_size=32)  # A valid combination passes.
+  bad = ml_collections.ConfigDict({**default.get_config().model.to_dict(), "remat": "yes"})
+  with pytest.raises(ValueError, match=r"config\.model\.remat='yes' is not one of False, True\."):
+    config_check.validate_model(bad, image_size=32)

@@ -31,6 +31,12 @@ def validate_model(model: ml_collections.ConfigDict, *, image_size: int) -> None
   _require(0.0 <= model.dropout < 1.0, f"config.model.dropout={model.dropout} must be in [0, 1).")
   _require(model.num_classes >= 0, f"config.model.num_classes={model.num_classes} must be >= 0.")
   _require(model.num_heads > 0, f"config.model.num_heads={model.num_heads} must be positive.")
+  _choice("model.dtype", model.dtype, tuple(models.DTYPES))
+  _choice("model.attention", model.attention, models.ATTENTION)
+  _require(model.attention != "cudnn" or model.dtype == "bfloat16",
+           f"config.model.attention='cudnn' needs config.model.dtype='bfloat16' (cuDNN's fused attention "
+           f"takes 16-bit inputs), got {model.dtype!r}; use attention 'xla' or None for float32.")
+  _require(isinstance(model.remat, bool), f"config.model.remat={model.remat!r} is not one of False, True.")
   factor = 2 ** (len(model.ch_mult) - 1)
   _require(image_size % factor == 0,
            f"config.data.image_size={image_size} is not divisible by {factor}, the UNet's downsampling "

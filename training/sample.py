@@ -16,8 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import models
-from training import checkpoints
+from evaluation import run as run_lib
 from training import config_check
 from training import generate
 from training import train as train_lib
@@ -33,36 +32,17 @@ def unique_path(directory: str, stem: str, suffixes: tuple[str, ...]) -> str:
   return os.path.join(directory, candidate)
 
 
-def load_trained_config(workdir: str, config: ml_collections.ConfigDict, step: int | None):
-  """The checkpoint's own config, with config.sample (and the seed) taken from the command line."""
-  trained = checkpoints.restore_config(workdir, step)
-  trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
-  return trained
-
-
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Draws config.sample.num images from the EMA params; returns the path stem of the files written."""
-  manager = checkpoints.create_manager(workdir, read_only=True)
-  step = config.sample.checkpoint_step
-  if step is None:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
-                              "(--mode=train) or pass the workdir of a trained run.")
-  elif step not in manager.all_steps():
-    raise ValueError(f"config.sample.checkpoint_step={step} is not a checkpoint of {workdir}; "
-                     f"there are {sorted(manager.all_steps())}.")
-  trained = load_trained_config(workdir, config, step)
-  config_check.validate_sample(trained.sample, device_count=jax.device_count())
-  config_check.validate_model(trained.model, image_size=trained.data.image_size)
-
-  mesh = train_lib.create_mesh()
-  image_shape = checkpoints.restore_image_shape(manager, step)
-  target = train_lib.abstract_state(trained, image_shape=image_shape, mesh=mesh)
-  state, _ = checkpoints.restore(manager, target, step=step)
-  sampler = generate.Sampler.from_config(trained, model=models.create_model(trained.model),
-                                         schedule=train_lib.create_schedule(trained.diffusion),
-                                         mesh=mesh, image_shape=image_shape)
+  config_check.validate_sample(config.sample, device_count=jax.device_count())
+  trained, state, model, schedule = run_lib.load_run(workdir, config.sample.checkpoint_step,
+                                                     step_key="config.sample.checkpoint_step")
+  step = int(state.step)
+  # The checkpoint's own model and schedule; the sampling settings of the command line.
+  trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
+  sampler = generate.Sampler.from_config(trained, model=model, schedule=schedule,
+                                         mesh=train_lib.create_mesh(),
+                                         image_shape=run_lib.image_shape(workdir, step))
   start = time.perf_counter()
   images, labels = sampler.sample(state.ema_params, seed=trained.sample.seed, num=trained.sample.num)
   seconds = time.perf_counter() - start

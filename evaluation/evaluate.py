@@ -1,0 +1,266 @@
+"""--mode=eval: FID, IS (and NLL) of each checkpoint of a workdir, written with the settings behind them.
+
+For every checkpoint not yet evaluated with the same settings (or only config.eval.step), draws
+config.eval.num_samples images from the EMA parameters with config.sample's sampler, steps and
+guidance (training/generate.Sampler, sharded over all devices and processes), and compares their
+Inception features with the reference statistics (--mode=fid_stats). Each result goes, with N, the
+sampler, its steps and options, the seed and the reference file, to workdir/eval/metrics.jsonl (one
+JSON object a line, appended when the checkpoint is done) and to TensorBoard under workdir/eval. A rerun
+skips what metrics.jsonl already holds, so an interrupted evaluation resumes at the next checkpoint.
+
+The model comes from the checkpoint's own config; config.sample and config.eval from the command line,
+and config.data names the reference images (FID statistics path, NLL images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion import guidance
+from diffusion import samplers
+from evaluation import fid
+from evaluation import inception
+from evaluation import likelihood
+from evaluation import run as run_lib
+from training import checkpoints
+from training import config_check
+from training import generate
+from training import train as train_lib
+from training import writers
+
+
+def validate_eval(eval_config: ml_collections.ConfigDict, *, device_count: int) -> None:
+  """Raises ValueError naming the config.eval key that is out of range."""
+  ev = eval_config
+  if not isinstance(ev.num_samples, int) or ev.num_samples < 2:
+    raise ValueError(f"config.eval.num_samples={ev.num_samples!r} must be an integer >= 2 (a covariance).")
+  if not isinstance(ev.batch_size, int) or ev.batch_size <= 0 or ev.batch_size % device_count:
+    raise ValueError(f"config.eval.batch_size={ev.batch_size!r} must be a positive multiple of the "
+                     f"{device_count} devices.")
+  if ev.nll and (not isinstance(ev.nll_num, int) or ev.nll_num <= 0):
+    raise ValueError(f"config.eval.nll_num={ev.nll_num!r} must be a positive integer.")
+  if ev.step is not None and (not isinstance(ev.step, int) or ev.step < 0):
+    raise ValueError(f"config.eval.step={ev.step!r} must be a checkpoint step or None (all).")
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+  """The sampling seed of the chunk-th batch: distinct, reproducible, independent of the device count."""
+  return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+
+
+def settings(config: ml_collections.ConfigDict, step: int, schedule, reference: str) -> dict[str, Any]:
+  """What produces the figures of a checkpoint; a result with the same settings is not computed again."""
+  options = generate.SampleOptions.from_config(config)
+  out = {"step": step, "num_samples": config.eval.num_samples, "sampler": options.sampler,
+         "steps": options.steps, "grid": options.grid or samplers.default_grid(options.sampler, schedule),
+         **options.sampler_options(), "guidance_scale": options.guidance_scale,
+         "guidance_rescale": options.guidance_rescale, "dynamic_threshold": options.dynamic_threshold,
+         "clip_x0": options.clip_x0, "seed": config.sample.seed, "reference_stats": os.path.abspath(reference)}
+  if config.eval.nll:
+    out.update(nll_num=config.eval.nll_num, nll_hutchinson=config.eval.nll_hutchinson,
+               nll_data=f"{config.data.name}:{config.data.split}")
+  return out
+
+
+def evaluated(records: list[dict[str, Any]], setting: dict[str, Any]) -> bool:
+  """Whether a record holds figures made with exactly these settings (a setting it lacks differs)."""
+  missing = object()
+  return any(all(r.get(k, missing) == v for k, v in setting.items()) for r in records)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl (a torn last line, from a kill mid-write, is ignored)."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning("Ignoring an unreadable line of %s: %r", path, line[:80])
+  return records
+
+
+def _append(path: str, record: dict[str, Any]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  torn = False
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b"\n"  # A write cut off by a kill: start a new line.
+  with open(path, "a") as f:
+    f.write(("\n" if torn else "") + json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def sample_fid_is(sampler: generate.Sampler, params: Any, extractor: inception.FeatureExtractor, *,
+                  num: int, seed: int, reference: tuple[np.ndarray, np.ndarray]
+                  ) -> tuple[dict[str, float], np.ndarray]:
+  """FID and IS of num images drawn in batches of sampler.options.batch_size; also the first batch."""
+  batch = sampler.options.batch_size
+  stats, score = fid.FeatureStats(), fid.InceptionScore(num)
+  first = None
+  for chunk, start in enumerate(range(0, num, batch)):
+    n = min(batch, num - start)
+    labels = (np.arange(start, start + n) % max(sampler.num_classes, 1)).astype(np.int32)
+    images, _ = sampler.sample(params, seed=_chunk_seed(seed, chunk), num=n, labels=labels)
+    features = extractor(images)
+    stats.update(features["pool3"])
+    score.update(features["logits_unbiased"])
+    first = images if first is None else first
+    if chunk % max(1, (num // batch) // 10) == 0:
+      logging.info("Sampled %d of %d images.", start + n, num)
+  mu, sigma = stats.mu_sigma()
+  is_mean, is_std = score.result()
+  return {"fid": fid.frechet_distance(mu, sigma, *reference), "inception_score": is_mean,
+          "inception_score_std": is_std}, first
+
+
+def _rows(array: np.ndarray, index) -> np.ndarray:
+  return array[index]
+
+
+def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh: jax.sharding.Mesh
+        ) -> dict[str, Any]:
+  """Mean bits/dim of the first config.eval.nll_num images of config.data.split: PF-ODE (Song et al.
+
+  2021; Hutchinson or exact trace per config.eval.nll_hutchinson) and, for discrete-time models, the
+  variational bound (Ho et al. 2020) with config.sample.ddpm_variance. Class-conditional models are
+  conditioned on the true labels, without guidance.
+  """
+  ev = config.eval
+  data = run_lib.DatasetImages(config.data)
+  num = min(ev.nll_num, len(data))
+  num_classes = config.model.num_classes
+  divergence = "rademacher" if ev.nll_hutchinson else "exact"
+  discrete = schedule.num_timesteps > 0
+  batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+  def batch_nll(params, images, labels, rng):
+    apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)
+    denoise_fn = guidance.make_denoise_fn(apply_fn, schedule=schedule, prediction=config.diffusion.prediction,
+                                          labels=labels if num_classes else None)
+    ode_rng, vlb_rng = jax.random.split(rng)
+    bpd, nfe = likelihood.ode_bits_per_dim(denoise_fn, images, ode_rng, schedule=schedule,
+                                           divergence=divergence)
+    out = {"ode": bpd, "nfe": jnp.broadcast_to(nfe, bpd.shape)}
+    if discrete:
+      out["vlb"] = likelihood.vlb_bits_per_dim(denoise_fn, images, vlb_rng, schedule=schedule,
+                                               variance=config.sample.ddpm_variance)["bpd"]
+    return out
+
+  fn = jax.jit(batch_nll, in_shardings=(replicated, batch_sharding, batch_sharding, replicated),
+               out_shardings=batch_sharding)
+  results = []
+  for i, begin in enumerate(range(0, num, ev.batch_size)):
+    images, labels = data.read(begin, min(begin + ev.batch_size, num))
+    n = len(images)
+    pad = ev.batch_size - n
+    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    labels = np.concatenate([labels, np.repeat(labels[-1:], pad)])
+    arrays = [jax.make_array_from_callback(a.shape, batch_sharding, functools.partial(_rows, a))
+              for a in (images, labels)]
+    out = fn(params, *arrays, jax.random.fold_in(jax.random.key(config.sample.seed), i))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      out = multihost_utils.process_allgather(out, tiled=True)
+    results.append(jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(out)))
+  merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+  sem = lambda a: float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+  record = {"nll_ode_bpd": float(merged["ode"].mean()), "nll_ode_bpd_sem": sem(merged["ode"]),
+            "nll_ode_nfe": float(merged["nfe"].mean()), "nll_ode_divergence": divergence,
+            "nll_ode_solver": "dopri5 rtol=atol=1e-5", "nll_ode_t_eps": likelihood.T_EPS,
+            "nll_images": num}
+  if discrete:
+    record.update(nll_vlb_bpd=float(merged["vlb"].mean()), nll_vlb_bpd_sem=sem(merged["vlb"]),
+                  nll_vlb_variance=config.sample.ddpm_variance)
+  return record
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """Evaluates the checkpoints of workdir not yet evaluated (or config.eval.step); returns the new records."""
+  ev = config.eval
+  validate_eval(ev, device_count=jax.device_count())
+  sample_config = ml_collections.ConfigDict({**config.sample.to_dict(), "batch_size": ev.batch_size})
+  config_check.validate_sample(sample_config, device_count=jax.device_count())
+  if ev.num_samples < fid.STANDARD_NUM_SAMPLES:
+    logging.warning("config.eval.num_samples=%d: FID on fewer than %d samples is biased upwards and not "
+                    "comparable to the figures of papers.", ev.num_samples, fid.STANDARD_NUM_SAMPLES)
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  all_steps = sorted(manager.all_steps())
+  if not all_steps:
+    raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
+                            "(--mode=train) or pass the workdir of a trained run.")
+  if ev.step is not None and ev.step not in all_steps:
+    raise ValueError(f"config.eval.step={ev.step} is not a checkpoint of {workdir}; there are {all_steps}.")
+  steps = all_steps if ev.step is None else [ev.step]
+
+  reference_path = fid.reference_stats_path(config, workdir)
+  if not os.path.exists(reference_path):
+    raise FileNotFoundError(
+        f"No reference statistics at {reference_path} (config.eval.fid_stats_path). Compute them once, "
+        f"from every image of config.data.split={config.data.split!r} of {config.data.name!r}:\n"
+        f"  python main.py --config=<your config> --workdir={workdir} --mode=fid_stats")
+  reference = fid.load_stats(reference_path)
+  mesh = train_lib.create_mesh()
+  extractor = inception.FeatureExtractor(inception.load_variables(ev.inception_path), mesh=mesh,
+                                         batch_size=ev.batch_size)
+  eval_dir = os.path.join(workdir, "eval")
+  metrics_path = os.path.join(eval_dir, "metrics.jsonl")
+  done = read_metrics(metrics_path)
+  writer = writers.MetricWriter(eval_dir)
+  records = []
+  try:
+    for step in steps:
+      trained, state, model, schedule = run_lib.load_run(workdir, step, mesh=mesh)
+      trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
+      trained.eval = ml_collections.ConfigDict(ev.to_dict())
+      trained.data = ml_collections.ConfigDict(config.data.to_dict())
+      setting = settings(trained, step, schedule, reference_path)
+      if evaluated(done, setting):
+        logging.info("Checkpoint %d is already evaluated with these settings in %s; skipped.", step,
+                     metrics_path)
+        continue
+      options = dataclasses.replace(generate.SampleOptions.from_config(trained), batch_size=ev.batch_size)
+      sampler = generate.Sampler(model=model, schedule=schedule, options=options, mesh=mesh,
+                                 image_shape=run_lib.image_shape(workdir, step),
+                                 num_classes=trained.model.num_classes)
+      start = time.perf_counter()
+      metrics, first = sample_fid_is(sampler, state.ema_params, extractor, num=ev.num_samples,
+                                     seed=trained.sample.seed, reference=reference)
+      metrics["fid_seconds"] = time.perf_counter() - start  # Sampling, Inception and the distance.
+      if ev.nll:
+        start = time.perf_counter()
+        metrics.update(nll(trained, params=state.ema_params, model=model, schedule=schedule, mesh=mesh))
+        metrics["nll_seconds"] = time.perf_counter() - start
+      record = {**setting, **metrics, "num_devices": jax.device_count(),
+                "inception_weights": os.path.abspath(os.path.expanduser(ev.inception_path)),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+      tag = f"{setting['sampler']}_{setting['steps']}steps_w{setting['guidance_scale']:g}_n{ev.num_samples}"
+      scalars = {f"fid/{tag}": metrics["fid"], f"inception_score/{tag}": metrics["inception_score"]}
+      scalars.update({f"{k}/n{metrics['nll_images']}": metrics[k] for k in ("nll_ode_bpd", "nll_vlb_bpd")
+                      if k in metrics})
+      writer.write_scalars(step, scalars)
+      writer.write_image(step, f"samples/{tag}", writers.image_grid(first[:64]))
+      if jax.process_index() == 0:
+        _append(metrics_path, record)
+      writers.log_scalars(step, scalars)
+      records.append(record)
+  finally:
+    writer.close()
+  return records
