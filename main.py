@@ -7,7 +7,9 @@ This file is intentionally kept short: the logic lives in libraries that can be 
 """
 
 import logging as logging_std
+import os
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -43,6 +45,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  # Compiled programs persist across runs: a resumed or repeated run skips most compilation.
+  jax.config.update("jax_compilation_cache_dir", os.environ.get(
+      "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jax-compilation-cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   logging.info("Config:\n%s", FLAGS.config)
   # Imported after jax.distributed is initialised.
   from evaluation import evaluate  # pylint: disable=g-import-not-at-top
