@@ -7,7 +7,6 @@ same seed, whatever the number of devices.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
