@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from training import distributed
+from training import xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -43,6 +44,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Before any JAX computation: XLA reads these when its CPU backend starts.
+  applied = xla_cpu.configure_from_config(FLAGS.config, num_processes=FLAGS.num_processes or 1)
+  if applied:
+    logging.info("XLA:CPU settings from config.cpu: %s", applied)
   distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   # Compiled programs persist across runs: a resumed or repeated run skips most compilation.

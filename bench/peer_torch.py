@@ -7,6 +7,7 @@ machine's noise falls on both alike. Alone it prints one JSON line of results:
 
   python bench/peer_torch.py --mode train --batch 8 --steps 20 [--compile]
   python bench/peer_torch.py --mode sample --sampler dpmpp_2m --sample_steps 20 --batch 64
+  python bench/peer_torch.py --mode convs < specs.json   # bench/convs.py's convolutions, one by one
 
 The model is the google/ddpm-cifar10-32 configuration for our cifar10 config (35,746,307 parameters,
 the same as ours); the train step is ours: eps MSE at t ~ U{0..T-1} of the linear schedule, Adam 2e-4
@@ -163,6 +164,45 @@ def peak_memory_bytes(device: str) -> tuple[int, str]:
     return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")), "process peak RSS"
 
 
+def time_convs(specs: list[dict], *, device: str, runs: int) -> list[dict]:
+  """Median ms of forward, input gradient and weight gradient of each convolution alone (bench/convs.py).
+
+  A spec is NHWC / HWIO shapes, strides and (low, high) padding per spatial axis, as our jaxpr has them.
+  Uneven padding (a stride-2 downsampling's (0, 1)) is applied to the input first, as diffusers does.
+  """
+  results = []
+  for spec in specs:
+    n, h, w, cin = spec["lhs"]
+    kh, kw, _, cout = spec["rhs"]
+    (pt, pb), (pl, pr) = spec["padding"]
+    x = torch.randn(n, cin, h + pt + pb, w + pl + pr, device=device)
+    weight = torch.randn(cout, cin, kh, kw, device=device) * 0.05
+    y = torch.nn.functional.conv2d(x, weight, stride=spec["strides"])
+    g = torch.randn_like(y)
+    grads = {"input_grad": [True, False, False], "weight_grad": [False, True, False]}
+
+    def backward(mask):
+      return torch.ops.aten.convolution_backward(g, x, weight, None, spec["strides"], [0, 0], [1, 1],
+                                                 False, [0, 0], 1, mask)
+
+    calls = {"forward": lambda: torch.nn.functional.conv2d(x, weight, stride=spec["strides"]),
+             **{k: (lambda m=m: backward(m)) for k, m in grads.items()}}
+    row = {}
+    with torch.no_grad():
+      for name, call in calls.items():
+        call()
+        times = []
+        for _ in range(runs):
+          _sync(device)
+          start = time.perf_counter()
+          call()
+          _sync(device)
+          times.append(time.perf_counter() - start)
+        row[name] = float(np.median(times)) * 1e3
+    results.append(row)
+  return results
+
+
 def build(args: argparse.Namespace):
   spec = json.loads(args.model) if args.model else CIFAR10_MODEL
   common = dict(batch=args.batch, device=args.device, dtype=args.dtype, compile_model=args.compile)
@@ -181,7 +221,8 @@ def describe(args: argparse.Namespace, runner, compile_s: float) -> dict:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--mode", choices=("train", "sample"), default="train")
+  parser.add_argument("--mode", choices=("train", "sample", "convs"), default="train",
+                      help="convs: time the convolutions given as JSON on stdin (bench/convs.py).")
   parser.add_argument("--model", default="", help="JSON model spec (bench/train.py's peer_spec); cifar10 if empty.")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=20, help="Timed steps (alone; --serve takes them per request).")
@@ -198,6 +239,11 @@ def main(argv=None) -> None:
   if args.device.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = True  # What XLA does for fp32 on Ampere and later.
     torch.backends.cudnn.allow_tf32 = True
+  if args.mode == "convs":
+    specs = json.loads(sys.stdin.read())
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "convs": time_convs(specs, device=args.device, runs=args.steps)}), flush=True)
+    return
   try:
     runner = build(args)
     start = time.perf_counter()

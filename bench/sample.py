@@ -13,8 +13,6 @@ table, writes bench/results/<device>-<date>-sample.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -90,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--peer_modes", default="peer_eager", help="peer_eager and/or peer_compiled.")
   parser.add_argument("--peer_dtypes", default=None, help="Peer dtypes; default: those of --variants.")
   parser.add_argument("--quick", action="store_true", help="Tiny model, batch 4, a few steps (for tests).")
+  parser.add_argument("--cpu_setting", default="config",
+                      help=f"XLA:CPU setting, from {', '.join(bench_train.CPU_SETTINGS)}.")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>-sample.json).")
   return parser.parse_args(argv)
 
@@ -100,17 +100,10 @@ def main(argv=None) -> dict[str, Any]:
     args.config, args.batch_sizes, args.samplers = "configs/tiny.py", "4", "dpmpp_2m:3,ddpm:4"
     args.variants, args.runs, args.rounds, args.peer_modes = "fp32", 2, 1, "peer_eager"
     args.peer_dtypes = "float32"
-  base = bench_train.load_config(args.config)
-  if args.quick:  # As bench/train.py --quick: one resolution level.
-    base.model.ch_mult, base.model.attn_resolutions = (1,), (base.data.image_size,)
-  peer_python = (args.peer_python or bench_train.default_peer_python()) if args.peer else None
-  if args.peer and peer_python is None:
-    raise SystemExit("--peer needs torch and diffusers: pass --peer_python (requirements-bench.txt).")
-  channels = 1 if base.data.name == "digits" else 3
-  results = {"bench": "sample", "config": args.config, "args": vars(args),
-             "device": bench_train.device_info(),
-             "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": []}
-  print(json.dumps(results["device"]))
+  # config.cpu, as main.py applies it, or another of bench/train.py's CPU_SETTINGS.
+  base, channels, peer_python, results = bench_train.prepare(
+      args, bench="sample", cpu_setting=args.cpu_setting,
+      batch_sizes=[int(b) for b in args.batch_sizes.split(",")])
 
   for batch in map(int, args.batch_sizes.split(",")):
     for pair in args.samplers.split(","):

@@ -4,11 +4,14 @@ Runs the real train step (training/train_step.py, jitted and donated as training
 data, for each batch size and each variant of the model switches (VARIANTS: dtype, attention, remat).
 With --peer, diffusers' UNet2DModel built like ours (bench/peer_torch.py, eager and torch.compile) runs
 in a separate process, in rounds that alternate with ours, so the machine's noise falls on both; the
-ratio is ours / peer in images/s (> 1: ours is faster). Prints a table, writes
+ratio is ours / peer in images/s (> 1: ours is faster). XLA:CPU settings (config.cpu: convolutions
+through Eigen or YNNPACK, devices per host) are fixed per process, so --cpu_settings beyond the first
+run ours in worker processes that alternate in the same way. Prints a table, writes
 bench/results/<device>-<date>.json.
 
   python bench/train.py [--config configs/cifar10.py] [--batch_sizes 8,32] [--variants fp32,bf16]
-                        [--peer --peer_python /path/to/venv/bin/python] [--quick] [--profile]
+                        [--cpu_settings config,ynn_1dev] [--peer --peer_python /path/to/venv/bin/python]
+                        [--quick] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 import models
 from diffusion import schedules
 from training import train_step as train_step_lib
+from training import xla_cpu
 
 # Dense (no sparsity) peak TFLOP/s per chip, by compute dtype; the first row whose key is in the
 # device's device_kind applies. NVIDIA's float32 is TF32 on the tensor cores, which XLA uses for float32
@@ -70,6 +74,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16_auto_attn": {"dtype": "bfloat16", "attention": None},
 }
 PEERS = {"peer_eager": [], "peer_compiled": ["--compile"]}
+
+# XLA:CPU settings (config.cpu, training/xla_cpu.py), fixed per process: the first of --cpu_settings is
+# this process's, each other one runs our step in a worker process of its own (bench/train.py --serve).
+CPU_SETTINGS: dict[str, dict[str, Any]] = {
+    "config": {},  # config.cpu as the config file sets it (main.py applies the same).
+    "per_core": {"devices": 0},  # One device per core, data parallel.
+    "xla_defaults": {"devices": 1, "ynn_convolutions": True},  # XLA:CPU's own: convolutions in YNNPACK.
+}
 
 RESULT_KEYS = ("name", "batch", "compile_s", "step_s", "step_s_p10", "step_s_p90", "images_per_s",
                "peak_memory_bytes", "peak_memory_kind", "flops", "tflops_per_s", "mfu", "ratio_vs")
@@ -193,7 +205,8 @@ class OursTrain:
     start = time.perf_counter()
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
-    self.flops = cost_flops(self.compiled)
+    flops = cost_flops(self.compiled)  # Per device: the batch is split over all of them.
+    self.flops = flops and flops * jax.device_count()
     self.xla_memory = xla_memory_bytes(self.compiled)
     self.run(2)  # Warm-up.
     self.peak_memory = peak_memory()
@@ -208,13 +221,16 @@ class OursTrain:
     return times
 
 
-class Peer:
-  """bench/peer_torch.py --serve in another Python (one with torch and diffusers installed)."""
+class Worker:
+  """A process that prints a JSON line of facts, then answers "run N" with the times of N steps.
 
-  def __init__(self, python: str, args: list[str]):
-    cmd = [python, os.path.join(ROOT, "bench", "peer_torch.py"), "--serve", *args]
+  bench/peer_torch.py --serve (the peer, in a Python with torch and diffusers) and bench/train.py
+  --serve (ours under other XLA:CPU settings) are workers.
+  """
+
+  def __init__(self, cmd: list[str], env: dict[str, str] | None = None):
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 bufsize=1)
+                                 bufsize=1, env=env)
     self.info = self._read()
     self.error = self.info.get("error")
     self.compile_s = self.info.get("warmup_s")
@@ -222,7 +238,7 @@ class Peer:
   def _read(self) -> dict[str, Any]:
     line = self.proc.stdout.readline()
     if not line:
-      return {"error": f"peer exited with status {self.proc.wait()}"}
+      return {"error": f"worker exited with status {self.proc.wait()}"}
     return json.loads(line)
 
   def run(self, n: int) -> list[float]:
@@ -230,7 +246,7 @@ class Peer:
     self.proc.stdin.flush()
     reply = self._read()
     if "error" in reply:
-      raise RuntimeError(f"peer failed: {reply['error']}")
+      raise RuntimeError(f"worker failed: {reply['error']}")
     self.info.update(reply)
     return reply["times"]
 
@@ -283,14 +299,14 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(rows: list[dict], title: str) -> None:
   print(f"\n{title}")
-  header = (f"{'name':16s} {'batch':>5s} {'compile s':>9s} {'step ms':>9s} {'img/s':>8s} "
+  header = (f"{'name':20s} {'batch':>5s} {'compile s':>9s} {'step ms':>9s} {'img/s':>8s} "
             f"{'peak MiB':>8s} {'XLA MiB':>8s} {'GFLOP/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s}  ours/peer")
   print(header)
   print("-" * len(header))
   for r in rows:
     mem = r.get("peak_memory_bytes")
     xla = r.get("xla_memory_bytes")
-    print(f"{r['name']:16s} {r['batch']:5d} {_fmt(r.get('compile_s'), '9.1f')} "
+    print(f"{r['name']:20s} {r['batch']:5d} {_fmt(r.get('compile_s'), '9.1f')} "
           f"{r['step_s'] * 1e3:9.1f} {r['images_per_s']:8.1f} {_fmt(mem and mem / 2**20, '8.0f')} "
           f"{_fmt(xla and xla / 2**20, '8.0f')} {_fmt(r.get('flops') and r['flops'] / 1e9, '10.1f')} "
           f"{_fmt(r.get('tflops_per_s'), '8.3f')} {_fmt(r.get('mfu'), '6.1%')}  {ratio_text(r)}")
@@ -341,31 +357,126 @@ def parse_args(argv=None, *, description: str = __doc__) -> argparse.Namespace:
                       help="Tiny config, batch 8, a few steps: seconds on a CPU (for tests).")
   parser.add_argument("--profile", default=None, metavar="DIR",
                       help="Trace three steps of the first variant into DIR and print where the time goes.")
+  parser.add_argument("--cpu_settings", default="config",
+                      help=f"XLA:CPU settings, comma-separated, from {', '.join(CPU_SETTINGS)}; the first "
+                           "is this process's, the others run in worker processes.")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json).")
+  parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # Worker: --batch, --variant.
+  parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
 
+def prepare(args, *, bench: str, cpu_setting: str, batch_sizes: list[int], cpu_devices: int | None = None,
+            announce: bool = True) -> tuple[ml_collections.ConfigDict, int, str | None, dict[str, Any]]:
+  """What every bench script does first: the config (one resolution level with --quick), the CPU setting
+  (before JAX starts), the peer's Python, then the results dict with the device; prints the device."""
+  base = load_config(args.config)
+  if args.quick:  # One resolution level: the bench's code paths in a fraction of tiny's compile time.
+    base.model.ch_mult, base.model.attn_resolutions = (1,), (base.data.image_size,)
+  if cpu_devices is not None:
+    base.cpu.devices = cpu_devices
+  cpu = apply_cpu_setting(cpu_setting, base, batch_sizes)
+  peer_python = (args.peer_python or default_peer_python()) if args.peer else None
+  if args.peer and peer_python is None:
+    raise SystemExit("--peer needs torch and diffusers: pass --peer_python (requirements-bench.txt).")
+  channels = 1 if base.data.name == "digits" else 3
+  results = {"bench": bench, "config": args.config, "args": vars(args),
+             "device": {**device_info(), "cpu_setting": cpu},
+             "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": []}
+  if announce:
+    print(json.dumps(results["device"]))
+  return base, channels, peer_python, results
+
+
+def apply_cpu_setting(name: str, base: ml_collections.ConfigDict, batch_sizes: list[int]) -> dict:
+  """Applies CPU_SETTINGS[name] over base.cpu to this process (before JAX starts); what was set."""
+  if name not in CPU_SETTINGS:
+    raise SystemExit(f"--cpu_settings: {name!r} is not one of {', '.join(CPU_SETTINGS)}.")
+  cpu = ml_collections.ConfigDict(base.cpu.to_dict())
+  cpu.update(CPU_SETTINGS[name])
+  return {"setting": name, **cpu.to_dict(), **xla_cpu.configure(cpu, batch_sizes=batch_sizes)}
+
+
+def ours_facts(ours: "OursTrain", config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The table row's facts about one compiled variant of our step."""
+  return dict(compile_s=ours.compile_s, trace_s=ours.trace_s, flops=ours.flops,
+              xla_memory_bytes=ours.xla_memory, peak_memory_bytes=ours.peak_memory[0],
+              peak_memory_kind=ours.peak_memory[1] + " (running peak of this process)",
+              params=ours.num_params, dtype=config.model.dtype,
+              peak_tflops=(peak := peak_tflops(config.model.dtype)) and peak * jax.device_count(),
+              model=dict(config.model),
+              devices=jax.device_count())
+
+
+def variant_config(base: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.model.update(VARIANTS[name])
+  return config
+
+
+def serve(args, base, channels: int, cpu: dict) -> None:
+  """Worker mode: our step for one batch and variant; JSON lines on stdout (see Worker)."""
+  try:
+    config = variant_config(base, args.variant)
+    ours = OursTrain(config, batch=args.batch, channels=channels)
+    facts = {**ours_facts(ours, config), "cpu": cpu}
+  except Exception as e:  # pylint: disable=broad-except
+    print(json.dumps({"error": f"{type(e).__name__}: {e}"[:2000]}), flush=True)
+    return
+  print(json.dumps(facts), flush=True)
+  for line in sys.stdin:
+    command = line.split()
+    if command[:1] == ["run"]:
+      print(json.dumps({"times": ours.run(int(command[1]))}), flush=True)
+    elif command[:1] == ["quit"]:
+      return
+
+
 def start_ours(args, base, batch: int, channels: int, results: dict) -> tuple[dict, dict]:
-  """Compiles our step for each variant: runners and their table rows; failures go to variant_errors."""
+  """Compiles our step for each variant and CPU setting: runners and their table rows.
+
+  The first CPU setting's variants run in this process and are named after the variant; the others run
+  in workers named "<variant>@<setting>". Failures go to variant_errors and the rest run on.
+  """
   runners, rows = {}, {}
-  for name in args.variants.split(","):
-    config = ml_collections.ConfigDict(base.to_dict())
-    config.model.update(VARIANTS[name])
-    try:
-      ours = OursTrain(config, batch=batch, channels=channels)
-    except Exception as e:  # pylint: disable=broad-except
-      # E.g. cuDNN attention for a head size it lacks: recorded, and the other variants run on.
-      print(f"batch {batch} {name}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
-      results.setdefault("variant_errors", {})[f"{name}@{batch}"] = f"{type(e).__name__}: {e}"[:2000]
-      continue
-    runners[name] = ours
-    rows[name] = dict(compile_s=ours.compile_s, trace_s=ours.trace_s, flops=ours.flops,
-                      xla_memory_bytes=ours.xla_memory, peak_memory_bytes=ours.peak_memory[0],
-                      peak_memory_kind=ours.peak_memory[1] + " (running peak of this process)",
-                      params=ours.num_params, dtype=config.model.dtype,
-                      peak_tflops=peak_tflops(config.model.dtype), model=dict(config.model))
-    print(f"batch {batch} {name}: compiled in {ours.compile_s:.1f} s", flush=True)
+  settings = args.cpu_settings.split(",")
+  for setting in settings:
+    for name in args.variants.split(","):
+      label = name if setting == settings[0] else f"{name}@{setting}"
+      try:
+        if setting == settings[0]:
+          config = variant_config(base, name)
+          runner = OursTrain(config, batch=batch, channels=channels)
+          facts = {**ours_facts(runner, config), "cpu": results["device"]["cpu_setting"]}
+        else:
+          runner = start_worker(args, setting, name, batch)
+          facts = runner.info
+          if runner.error:
+            raise RuntimeError(runner.error)
+      except Exception as e:  # pylint: disable=broad-except
+        # E.g. cuDNN attention for a head size it lacks: recorded, and the other variants run on.
+        print(f"batch {batch} {label}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
+        results.setdefault("variant_errors", {})[f"{label}@{batch}"] = f"{type(e).__name__}: {e}"[:2000]
+        continue
+      runners[label] = runner
+      rows[label] = {**facts, "cpu_setting": setting}
+      print(f"batch {batch} {label}: compiled in {facts['compile_s']:.1f} s", flush=True)
   return runners, rows
+
+
+def start_worker(args, setting: str, variant: str, batch: int) -> Worker:
+  """Our step in a fresh process under another CPU setting (XLA reads its flags once per process)."""
+  env = dict(os.environ)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if f != xla_cpu.EIGEN_CONVOLUTIONS_FLAG)
+  cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--config", args.config,
+         "--batch", str(batch), "--variant", variant, "--cpu_settings", setting,
+         "--batch_sizes", args.batch_sizes]
+  if args.quick:
+    cmd.append("--quick")
+  return Worker(cmd, env=env)
 
 
 def start_peers(args, base, batch: int, channels: int, peer_python: str, results: dict,
@@ -379,8 +490,9 @@ def start_peers(args, base, batch: int, channels: int, peer_python: str, results
   for mode in args.peer_modes.split(","):
     for dtype in dtypes:
       label = mode if len(dtypes) == 1 else f"{mode}_{'bf16' if dtype == 'bfloat16' else 'fp32'}"
-      peer = Peer(peer_python, [*extra_args, "--batch", str(batch), "--model", spec, "--device", device,
-                                "--dtype", dtype, *PEERS[mode]])
+      peer = Worker([peer_python, os.path.join(ROOT, "bench", "peer_torch.py"), "--serve", *extra_args,
+                     "--batch", str(batch), "--model", spec, "--device", device, "--dtype", dtype,
+                     *PEERS[mode]])
       if peer.error:
         print(f"batch {batch} {label}: unavailable ({peer.error[:300]})", flush=True)
         results.setdefault("peer_errors", {})[label] = peer.error
@@ -400,8 +512,9 @@ def measure(runners: dict, peers: dict, rows: dict, *, batch: int, steps: int, r
   try:
     times, medians = alternate({**runners, **peers}, steps=steps, rounds=rounds)
   finally:
-    for peer in peers.values():
-      peer.close()
+    for worker in [*runners.values(), *peers.values()]:
+      if isinstance(worker, Worker):
+        worker.close()
   table = []
   for name, extra in rows.items():
     if name in peers:
@@ -427,19 +540,20 @@ def main(argv=None) -> dict[str, Any]:
   if args.quick:
     args.config, args.batch_sizes, args.steps, args.rounds = "configs/tiny.py", "8", 4, 2
     args.variants, args.peer_modes, args.peer_dtypes = "fp32", "peer_eager", "float32"
-  base = load_config(args.config)
-  if args.quick:  # One resolution level: the bench's code paths in a fraction of tiny's compile time.
-    base.model.ch_mult, base.model.attn_resolutions = (1,), (base.data.image_size,)
   for name in args.variants.split(","):
     if name not in VARIANTS:
       raise SystemExit(f"--variants: {name!r} is not one of {', '.join(VARIANTS)}.")
-  peer_python = (args.peer_python or default_peer_python()) if args.peer else None
-  if args.peer and peer_python is None:
-    raise SystemExit("--peer needs torch and diffusers: pass --peer_python (requirements-bench.txt).")
-  channels = 1 if base.data.name == "digits" else 3
-  results = {"bench": "train", "config": args.config, "args": vars(args), "device": device_info(),
-             "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": []}
-  print(json.dumps(results["device"]))
+  settings = args.cpu_settings.split(",")
+  for name in settings:
+    if name not in CPU_SETTINGS:
+      raise SystemExit(f"--cpu_settings: {name!r} is not one of {', '.join(CPU_SETTINGS)}.")
+  # This process runs the first CPU setting.
+  base, channels, peer_python, results = prepare(
+      args, bench="train", cpu_setting=settings[0],
+      batch_sizes=[int(b) for b in args.batch_sizes.split(",")], announce=not args.serve)
+  if args.serve:
+    serve(args, base, channels, results["device"]["cpu_setting"])
+    return {}
 
   for batch in map(int, args.batch_sizes.split(",")):
     runners, rows = start_ours(args, base, batch, channels, results)
@@ -468,7 +582,8 @@ def profile_steps(runner: OursTrain, directory: str, steps: int = 3) -> dict[str
   paths = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
   summary = summarise_trace(max(paths, key=os.path.getmtime), runner.compiled.as_text(), steps)
   total = sum(summary.values()) or 1.0
-  print("op time per step (summed over threads) by kind:")
+  print("op time per step (summed over threads) by kind; convolutions that XLA:CPU hands to Eigen are "
+        "not named in the trace (bench/convs.py times them):")
   for kind, ms in sorted(summary.items(), key=lambda kv: -kv[1]):
     print(f"  {kind:28s} {ms:9.1f} ms {ms / total:6.1%}")
   return summary
@@ -479,7 +594,8 @@ def summarise_trace(path: str, hlo_text: str, steps: int) -> dict[str, float]:
 
   Kinds: convolutions forward, input gradient, weight gradient (XLA:CPU runs it as a convolution whose
   window is the whole image), dots, reductions (GroupNorm statistics, softmax), transposes and copies
-  (mostly layout changes around the backward convolutions), other elementwise fusions.
+  (mostly layout changes around the backward convolutions), other elementwise fusions. Convolutions run
+  by YNNPACK are named; those run by Eigen (config.cpu.ynn_convolutions=False) are not.
   """
   instructions = dict(re.findall(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*)$", hlo_text, re.M))
   bodies = dict(re.findall(r"^%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo_text, re.M | re.S))

@@ -88,4 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   eval_.nll_hutchinson = True  # Hutchinson-Skilling trace estimate in the PF-ODE; False = exact trace (D JVPs).
   eval_.step = ml_collections.config_dict.placeholder(int)  # Checkpoint to evaluate; None = every one not yet evaluated.
 
+  # JAX's CPU backend only (training/xla_cpu.py); XLA_FLAGS or JAX_NUM_CPU_DEVICES set by the user win.
+  config.cpu = cpu = ml_collections.ConfigDict()
+  cpu.devices = 1  # CPU devices per host (data parallel over the cores); 0 = one per core, at most 8, as the batch sizes allow.
+  cpu.ynn_convolutions = False  # Convolutions through YNNPACK (XLA:CPU's default) instead of Eigen, which trains faster.
+
   return config

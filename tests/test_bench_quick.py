@@ -16,11 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import train as bench_train  # pylint: disable=g-import-not-at-top
+from training import xla_cpu  # pylint: disable=g-import-not-at-top
 
 PEER_PYTHON = bench_train.default_peer_python()
 
 
-def _run_quick(script: str, out: str) -> dict:
+def _run_quick(script: str, out: str, *extra: str) -> dict:
   env = dict(os.environ)
   # The benches measure the real devices: one CPU device here, not the tests' forced eight.
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -30,7 +31,7 @@ def _run_quick(script: str, out: str) -> dict:
   if cache:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  cmd = [sys.executable, os.path.join(ROOT, "bench", script), "--quick", "--out", out]
+  cmd = [sys.executable, os.path.join(ROOT, "bench", script), "--quick", "--out", out, *extra]
   if PEER_PYTHON:
     cmd += ["--peer", "--peer_python", PEER_PYTHON]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -48,9 +49,15 @@ def _check_row(row: dict, *, name: str, batch: int) -> None:
 
 
 def test_train_quick(tmp_path):
-  results = _run_quick("train.py", str(tmp_path / "train.json"))
+  # The second CPU setting runs our step in a worker process, alternating with this one's.
+  results = _run_quick("train.py", str(tmp_path / "train.json"), "--cpu_settings", "config,xla_defaults")
   assert results["bench"] == "train" and results["device"]["platform"] == "cpu"
+  assert results["device"]["cpu_setting"]["xla_flags"] == xla_cpu.EIGEN_CONVOLUTIONS_FLAG
   rows = {r["name"]: r for r in results["rows"]}
+  worker = rows["fp32@xla_defaults"]
+  _check_row(worker, name="fp32@xla_defaults", batch=8)
+  assert worker["cpu"]["ynn_convolutions"] is True and "xla_flags" not in worker["cpu"]
+  assert worker["flops"] == pytest.approx(rows["fp32"]["flops"], rel=0.05)
   ours = rows["fp32"]
   _check_row(ours, name="fp32", batch=8)
   for key in bench_train.RESULT_KEYS:
@@ -77,6 +84,22 @@ def test_sample_quick(tmp_path):
     assert row["step_ms_per_model_call"] == pytest.approx(row["run_s"] / row["sampler_steps"] * 1e3)
   if PEER_PYTHON:
     assert len([r for r in results["rows"] if r["name"] == "peer_eager"]) == 2
+
+
+def test_convs_quick(tmp_path):
+  results = _run_quick("convs.py", str(tmp_path / "convs.json"))
+  rows = results["rows"]
+  # tiny --quick: 12 convolutions of 4 shapes; only the first (on the images) needs no input gradient.
+  assert sum(r["count"] for r in rows) == 12 and len(rows) == 4
+  assert [r["input_grad_needed"] for r in rows] == [False, True, True, True]
+  for row in rows:
+    assert all(row["ours"][k] > 0 for k in ("forward", "input_grad", "weight_grad"))
+  ours = results["totals"]["ours"]
+  assert ours["convolutions_s"] == pytest.approx(
+      sum(r["count"] * r["ours_step_ms"] for r in rows) / 1e3)
+  assert ours["rest_s"] == pytest.approx(ours["step_s"] - ours["convolutions_s"])
+  if PEER_PYTHON:
+    assert all(r["peer"]["weight_grad"] > 0 for r in rows) and "step_s" in results["totals"]["peer"]
 
 
 def test_peak_table_and_device_tag():

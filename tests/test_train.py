@@ -188,6 +188,7 @@ BAD_VALUES = [
     ("sample.sampler", "dpm++", r"config\.sample\.sampler='dpm\+\+' is not one of"),
     ("sample.steps", 0, r"config\.sample\.steps"),
     ("sample.batch_size", 6, r"config\.sample\.batch_size=6"),
+    ("cpu.devices", -1, r"config\.cpu\.devices=-1"),
 ]
 
 

@@ -11,6 +11,7 @@ from diffusion import losses
 from diffusion import parameterization
 from diffusion import samplers
 from diffusion import schedules
+from training import xla_cpu
 
 
 def _require(ok: bool, message: str) -> None:
@@ -86,7 +87,8 @@ def validate_training(training: ml_collections.ConfigDict, *, device_count: int)
   _require(training.batch_size > 0, f"config.training.batch_size={training.batch_size} must be positive.")
   _require(training.batch_size % device_count == 0,
            f"config.training.batch_size={training.batch_size} is not divisible by the {device_count} "
-           "devices: the global batch is split evenly over all devices.")
+           "devices: the global batch is split evenly over all devices (on CPU, config.cpu.devices sets "
+           "how many).")
   _require(training.num_steps >= 0, f"config.training.num_steps={training.num_steps} must be >= 0.")
   for key in ("log_every", "checkpoint_every", "max_to_keep"):
     _require(training[key] > 0, f"config.training.{key}={training[key]} must be positive.")
@@ -123,6 +125,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   validate_optim(config.optim)
   validate_training(config.training, device_count=device_count)
   validate_sample(config.sample, device_count=device_count)
+  xla_cpu.validate(config.cpu)
 
 
 def validate_against_data(config: ml_collections.ConfigDict, *, num_classes: int) -> None:
