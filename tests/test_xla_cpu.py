@@ -77,6 +77,22 @@ def test_explicit_settings_and_xla_default_convolutions():
   assert out["xla_flags"] == ""  # XLA:CPU's own default: YNNPACK runs the convolutions.
 
 
+def test_no_convolution_flag_where_an_accelerator_computes(monkeypatch):
+  monkeypatch.setattr(xla_cpu, "_backends_started", lambda: False)  # As if JAX had not started.
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  flags = "--xla_force_host_platform_device_count=8"  # The user's: the device count is left alone.
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  cpu = default.get_config().cpu
+  assert xla_cpu.configure(cpu, batch_sizes=[8]) == {} and os.environ["XLA_FLAGS"] == flags
+
+
+def test_cpu_is_the_default_backend_by_jax_platforms(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert xla_cpu.cpu_is_default_backend()
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+  assert not xla_cpu.cpu_is_default_backend()
+
+
 def test_the_users_xla_flags_win():
   out = _probe({"devices": 0, "ynn_convolutions": False}, [8],
                XLA_FLAGS="--xla_force_host_platform_device_count=5 --xla_cpu_experimental_ynn_fusion_type=")

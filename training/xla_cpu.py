@@ -1,7 +1,9 @@
 """XLA:CPU settings from `config.cpu`, applied before JAX starts its backends.
 
-They touch only JAX's CPU backend (on a GPU or TPU host they change nothing the model runs on), and a
-setting the user already made through XLA_FLAGS or JAX_NUM_CPU_DEVICES wins over the config.
+They touch only JAX's CPU backend (on a GPU or TPU host they change nothing the model runs on, and the
+convolution flag is not set there), and a setting the user already made through XLA_FLAGS or
+JAX_NUM_CPU_DEVICES wins over the config. Should a later jaxlib drop the flag, XLA stops at start-up
+with "Unknown flag in XLA_FLAGS"; --config.cpu.ynn_convolutions=True leaves it out.
 
 Measured with bench/train.py --cpu_settings on a 2-core AMD EPYC (cifar10 config, fp32, alternating with
 the PyTorch peer; bench/results/cpu-2026-11-27*.json):
@@ -14,6 +16,8 @@ the PyTorch peer; bench/results/cpu-2026-11-27*.json):
   4.73 s), and took 18% more memory; so the default is one device.
 """
 
+import importlib.metadata
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -34,6 +38,20 @@ def auto_device_count(*, batch_sizes: Sequence[int], cores: int, num_processes: 
     return 1
   common = math.gcd(*per_process)
   return max(d for d in range(1, min(cores, MAX_AUTO_DEVICES) + 1) if common % d == 0)
+
+
+def cpu_is_default_backend() -> bool:
+  """Whether JAX will compute on the CPU: JAX_PLATFORMS starts with cpu, or no GPU/TPU plugin is installed.
+
+  The convolution flag is only added then: a GPU or TPU host never runs the model on the CPU, and would
+  otherwise depend on a flag of XLA:CPU that a later jaxlib might not know.
+  """
+  platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  plugins = importlib.metadata.entry_points(group="jax_plugins")
+  return (not plugins and importlib.util.find_spec("jax_plugins") is None
+          and importlib.util.find_spec("libtpu") is None)
 
 
 def _backends_started() -> bool:
@@ -65,7 +83,8 @@ def configure(cpu: ml_collections.ConfigDict, *, batch_sizes: Sequence[int],
     return {}
   applied: dict[str, object] = {}
   flags = os.environ.get("XLA_FLAGS", "")
-  if not cpu.ynn_convolutions and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+  if (not cpu.ynn_convolutions and "xla_cpu_experimental_ynn_fusion_type" not in flags
+      and cpu_is_default_backend()):
     os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_CONVOLUTIONS_FLAG}".strip()
     applied["xla_flags"] = EIGEN_CONVOLUTIONS_FLAG
   user_set = ("xla_force_host_platform_device_count" in flags or "JAX_NUM_CPU_DEVICES" in os.environ
