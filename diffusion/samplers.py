@@ -272,6 +272,12 @@ def _unipc_base(*, x: Array, m0: Array, h: Array, alpha_t: Array, sigma_t: Array
   return (sigma_t / sigma_s) * x - (alpha_t * jnp.expm1(-h)) * m0
 
 
+def _unipc_differences(*, m: Array, lam: Array, h: Array, order: int) -> tuple[list, list]:
+  """r_k = (lambda_k - lambda_0) / h and D1_k = (m_k - m_0) / r_k over the last `order` predictions."""
+  rks = [(lam[k] - lam[0]) / h for k in range(1, order)]
+  return rks, [(m[k] - m[0]) / rks[k - 1] for k in range(1, order)]
+
+
 def unipc_predictor(*, x: Array, m: Array, lam: Array, lam_t: Array, alpha_t: Array, sigma_t: Array,
                     sigma_s: Array, order: int) -> Array:
   """Zhao et al. 2023, Alg. 2 (UniP-p, bh2): x_t from x_s and the last `order` data predictions."""
@@ -279,8 +285,7 @@ def unipc_predictor(*, x: Array, m: Array, lam: Array, lam_t: Array, alpha_t: Ar
   x_t = _unipc_base(x=x, m0=m[0], h=h, alpha_t=alpha_t, sigma_t=sigma_t, sigma_s=sigma_s)
   if order == 1:
     return x_t
-  rks = [(lam[k] - lam[0]) / h for k in range(1, order)]
-  d1s = [(m[k] - m[0]) / rks[k - 1] for k in range(1, order)]
+  rks, d1s = _unipc_differences(m=m, lam=lam, h=h, order=order)
   if order == 2:
     rhos = [0.5]
   else:
@@ -295,8 +300,7 @@ def unipc_corrector(*, x_prev: Array, model_t: Array, m: Array, lam: Array, lam_
   """Zhao et al. 2023, Alg. 3 (UniC-p, bh2): corrects x_t with the data prediction model_t made at x_t."""
   h = lam_t - lam[0]
   x_t = _unipc_base(x=x_prev, m0=m[0], h=h, alpha_t=alpha_t, sigma_t=sigma_t, sigma_s=sigma_s)
-  rks = [(lam[k] - lam[0]) / h for k in range(1, order)]
-  d1s = [(m[k] - m[0]) / rks[k - 1] for k in range(1, order)]
+  rks, d1s = _unipc_differences(m=m, lam=lam, h=h, order=order)
   if order == 1:
     rhos = [0.5]
   else:
