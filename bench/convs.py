@@ -111,8 +111,8 @@ def time_ours(spec: dict[str, Any], runs: int) -> dict[str, float]:
 
 
 def time_peer(specs: list[dict[str, Any]], *, peer_python: str, runs: int) -> dict[str, Any]:
-  cmd = [peer_python, os.path.join(ROOT, "bench", "peer_torch.py"), "--mode", "convs", "--device", "cpu"
-         if jax.devices()[0].platform == "cpu" else "cuda", "--steps", str(runs)]
+  cmd = [peer_python, os.path.join(ROOT, "bench", "peer_torch.py"), "--mode", "convs",
+         "--device", bench_train.peer_device(), "--steps", str(runs)]
   proc = subprocess.run(cmd, input=json.dumps(specs), capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -127,10 +127,8 @@ def full_steps(args, base, channels: int, peer_python: str | None) -> dict[str, 
   config = bench_train.variant_config(base, "fp32")
   runners = {"ours": bench_train.OursTrain(config, batch=args.batch, channels=channels)}
   if peer_python:
-    spec = json.dumps(bench_train.peer_spec(base, channels))
-    runners["peer"] = bench_train.Worker(
-        [peer_python, os.path.join(ROOT, "bench", "peer_torch.py"), "--serve", "--mode", "train",
-         "--batch", str(args.batch), "--model", spec, "--device", "cpu", "--dtype", "float32"])
+    runners["peer"] = bench_train.start_peer(peer_python, base, channels, batch=args.batch,
+                                             dtype="float32")
     if runners["peer"].error:
       raise RuntimeError(runners["peer"].error)
   try:

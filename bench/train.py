@@ -10,7 +10,7 @@ run ours in worker processes that alternate in the same way. Prints a table, wri
 bench/results/<device>-<date>.json.
 
   python bench/train.py [--config configs/cifar10.py] [--batch_sizes 8,32] [--variants fp32,bf16]
-                        [--cpu_settings config,ynn_1dev] [--peer --peer_python /path/to/venv/bin/python]
+                        [--cpu_settings config,xla_defaults] [--peer --peer_python /path/to/venv/bin/python]
                         [--quick] [--profile DIR]
 """
 
@@ -389,10 +389,14 @@ def prepare(args, *, bench: str, cpu_setting: str, batch_sizes: list[int], cpu_d
   return base, channels, peer_python, results
 
 
-def apply_cpu_setting(name: str, base: ml_collections.ConfigDict, batch_sizes: list[int]) -> dict:
-  """Applies CPU_SETTINGS[name] over base.cpu to this process (before JAX starts); what was set."""
+def check_cpu_setting(name: str) -> None:
   if name not in CPU_SETTINGS:
     raise SystemExit(f"--cpu_settings: {name!r} is not one of {', '.join(CPU_SETTINGS)}.")
+
+
+def apply_cpu_setting(name: str, base: ml_collections.ConfigDict, batch_sizes: list[int]) -> dict:
+  """Applies CPU_SETTINGS[name] over base.cpu to this process (before JAX starts); what was set."""
+  check_cpu_setting(name)
   cpu = ml_collections.ConfigDict(base.cpu.to_dict())
   cpu.update(CPU_SETTINGS[name])
   return {"setting": name, **cpu.to_dict(), **xla_cpu.configure(cpu, batch_sizes=batch_sizes)}
@@ -468,7 +472,6 @@ def start_ours(args, base, batch: int, channels: int, results: dict) -> tuple[di
 def start_worker(args, setting: str, variant: str, batch: int) -> Worker:
   """Our step in a fresh process under another CPU setting (XLA reads its flags once per process)."""
   env = dict(os.environ)
-  env.pop("JAX_NUM_CPU_DEVICES", None)
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if f != xla_cpu.EIGEN_CONVOLUTIONS_FLAG)
   cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--config", args.config,
@@ -479,20 +482,30 @@ def start_worker(args, setting: str, variant: str, batch: int) -> Worker:
   return Worker(cmd, env=env)
 
 
+def peer_device() -> str:
+  """Where the peer runs: CUDA beside a JAX GPU, else the CPU."""
+  return "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+
+
+def start_peer(peer_python: str, base: ml_collections.ConfigDict, channels: int, *, batch: int, dtype: str,
+               args: tuple[str, ...] = ("--mode", "train")) -> Worker:
+  """bench/peer_torch.py --serve with the UNet of base, in peer_python."""
+  return Worker([peer_python, os.path.join(ROOT, "bench", "peer_torch.py"), "--serve", *args,
+                 "--batch", str(batch), "--model", json.dumps(peer_spec(base, channels)),
+                 "--device", peer_device(), "--dtype", dtype])
+
+
 def start_peers(args, base, batch: int, channels: int, peer_python: str, results: dict,
                 extra_args: tuple[str, ...] = ("--mode", "train")) -> tuple[dict, dict]:
   """Starts a peer process per --peer_modes and --peer_dtypes; those that fail go to peer_errors."""
   peers, rows = {}, {}
-  spec = json.dumps(peer_spec(base, channels))
-  device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
   dtypes = (args.peer_dtypes.split(",") if args.peer_dtypes else
             sorted({VARIANTS[n].get("dtype", base.model.dtype) for n in args.variants.split(",")}))
   for mode in args.peer_modes.split(","):
     for dtype in dtypes:
       label = mode if len(dtypes) == 1 else f"{mode}_{'bf16' if dtype == 'bfloat16' else 'fp32'}"
-      peer = Worker([peer_python, os.path.join(ROOT, "bench", "peer_torch.py"), "--serve", *extra_args,
-                     "--batch", str(batch), "--model", spec, "--device", device, "--dtype", dtype,
-                     *PEERS[mode]])
+      peer = start_peer(peer_python, base, channels, batch=batch, dtype=dtype,
+                        args=(*extra_args, *PEERS[mode]))
       if peer.error:
         print(f"batch {batch} {label}: unavailable ({peer.error[:300]})", flush=True)
         results.setdefault("peer_errors", {})[label] = peer.error
@@ -545,8 +558,7 @@ def main(argv=None) -> dict[str, Any]:
       raise SystemExit(f"--variants: {name!r} is not one of {', '.join(VARIANTS)}.")
   settings = args.cpu_settings.split(",")
   for name in settings:
-    if name not in CPU_SETTINGS:
-      raise SystemExit(f"--cpu_settings: {name!r} is not one of {', '.join(CPU_SETTINGS)}.")
+    check_cpu_setting(name)
   # This process runs the first CPU setting.
   base, channels, peer_python, results = prepare(
       args, bench="train", cpu_setting=settings[0],
