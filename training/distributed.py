@@ -42,3 +42,13 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     return
   logging.info("jax.distributed: process %d of %d, %d local and %d global devices.",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def quiet_other_processes() -> None:
+  """Logs only warnings and errors on processes other than 0, so a job's output reads like one process's.
+
+  Applies at absl's default verbosity (INFO); a --verbosity of debug or warning is left as set.
+  """
+  if (jax.distributed.is_initialized() and jax.process_index() != 0
+      and logging.get_verbosity() == logging.INFO):
+    logging.set_verbosity(logging.WARNING)
