@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.loss_weighting = "simple"  # "simple" (DDPM) or "min_snr" (Hang et al. 2023).
   diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting.
   diffusion.p_uncond = 0.0  # Probability of dropping the label (classifier-free guidance training).
+  diffusion.model_time = "index"  # Network time input: "index" (1000 t, step i as i) or "index_from_zero" (step i as i - 1: DDPM's code, diffusers; converted checkpoints).
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.

@@ -26,7 +26,10 @@ def classifier_free_guidance(*, cond: Array, uncond: Array, scale: float | Array
 
 
 def rescale_guidance(*, guided: Array, cond: Array, phi: float | Array) -> Array:
-  """Lin et al. 2023, Sec. 3.4, Eq. 15-16: phi x_cfg std(x_pos) / std(x_cfg) + (1 - phi) x_cfg per example."""
+  """Lin et al. 2023, Sec. 3.4, Eq. 15-16: phi x_cfg std(x_pos) / std(x_cfg) + (1 - phi) x_cfg per example.
+
+  make_denoise_fn applies it to x0_hat, whatever the network predicts.
+  """
   axes = _per_example(guided)
   rescaled = guided * (jnp.std(cond, axis=axes, keepdims=True) / jnp.std(guided, axis=axes, keepdims=True))
   return phi * rescaled + (1.0 - phi) * guided
@@ -48,12 +51,14 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
 
   model_time is schedule.model_time(t) broadcast to [B]. With labels, classifier-free guidance of scale
   w mixes the conditional and the null-label (unconditional) outputs, both from one forward pass of
-  the doubled batch; a Python w = 1 (without rescale) skips the unconditional half. Guidance and its
-  rescale (phi = guidance_rescale) act on the network's output, as in diffusers. dynamic_threshold = p
-  clips x0_hat at the p-th percentile of |x0_hat|; clip_x0 clips it to the data range [-1, 1] (DDPM's
-  clip_denoised, Ho et al. 2020's sampler; it keeps eps models stable where alpha(t) is near 0). Either
-  way eps_hat is then recomputed from the clipped x0_hat, so the pair stays consistent with
-  x_t = alpha x0 + sigma eps.
+  the doubled batch; a Python w = 1 (without rescale) skips the unconditional half. Guidance mixes the
+  two x0_hat (the same as mixing eps_hat or v_hat: each is affine in the other at fixed x_t), and the
+  rescale (phi = guidance_rescale) matches std(x0_hat) to the conditional one's, so it does the same for
+  eps, x0 and v networks; diffusers rescales the raw output, which for an eps network barely changes
+  x0_hat (the std of eps_hat is dominated by the noise). dynamic_threshold = p clips x0_hat at the
+  p-th percentile of |x0_hat|; clip_x0 clips it to the data range [-1, 1] (DDPM's clip_denoised, Ho et
+  al. 2020's sampler; it keeps eps models stable where alpha(t) is near 0). After a rescale or a clip,
+  eps_hat is recomputed from x0_hat, so the pair stays consistent with x_t = alpha x0 + sigma eps.
   """
   plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0 and not guidance_rescale
   guided = labels is not None and not plain
@@ -62,19 +67,22 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
                      "of a model trained with config.diffusion.p_uncond > 0.")
 
   def denoise_fn(x: Array, t: Array) -> tuple[Array, Array]:
-    alpha, sigma = schedule.alpha_sigma(t)
+    alpha, sigma = (a.astype(x.dtype) for a in schedule.alpha_sigma(t))
     model_time = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],))
     if guided:
       out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([model_time, model_time]),
                      jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
       cond, uncond = jnp.split(out.astype(x.dtype), 2)
-      out = classifier_free_guidance(cond=cond, uncond=uncond, scale=guidance_scale)
+      x0_cond, eps_cond = parameterization.to_x0_eps(prediction, cond, x_t=x, alpha=alpha, sigma=sigma)
+      x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, uncond, x_t=x, alpha=alpha, sigma=sigma)
+      x0 = classifier_free_guidance(cond=x0_cond, uncond=x0_uncond, scale=guidance_scale)
+      eps = classifier_free_guidance(cond=eps_cond, uncond=eps_uncond, scale=guidance_scale)
       if guidance_rescale:
-        out = rescale_guidance(guided=out, cond=cond, phi=guidance_rescale)
+        x0 = rescale_guidance(guided=x0, cond=x0_cond, phi=guidance_rescale)
+        eps = parameterization.x0_to_eps(x_t=x, x0=x0, alpha=alpha, sigma=sigma)
     else:
       out = apply_fn(x, model_time, labels).astype(x.dtype)
-    alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
-    x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, alpha=alpha, sigma=sigma)
+      x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, alpha=alpha, sigma=sigma)
     if dynamic_threshold is not None:
       x0 = _threshold(x0, percentile=dynamic_threshold)
     elif clip_x0:

@@ -128,6 +128,30 @@ def sample_ddim(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array,
 
 
 # ----------------------------------------------------------------------------------------------------
+# The phi functions of exponential integrators, shared by DPM-Solver++ and UniPC.
+
+_PHI_SERIES_BELOW = 2.0  # |z| below which phi_k is summed as its series (the recursion cancels there).
+_PHI_SERIES_TERMS = 24  # 2^24 / 24! < 3e-17: the truncation is below float64 rounding.
+
+
+def phi(k: int, z: Array) -> Array:
+  """phi_k(z) = sum_{j >= 0} z^j / (j + k)! = int_0^1 e^((1 - s) z) s^(k-1) / (k-1)! ds, k >= 1
+
+  (Hochbruck & Ostermann 2010, Eq. 2.10): the series for |z| < 2, else phi_1 = expm1(z) / z and
+  phi_{k+1} = (phi_k - 1 / k!) / z, whose cancellation for small z loses all of float32's digits.
+  """
+  z = jnp.asarray(z)
+  series = jnp.full_like(z, 1.0 / math.factorial(_PHI_SERIES_TERMS + k - 1))
+  for j in reversed(range(_PHI_SERIES_TERMS - 1)):
+    series = series * z + 1.0 / math.factorial(j + k)
+  z_large = jnp.where(jnp.abs(z) < _PHI_SERIES_BELOW, 1.0, z)  # Keeps the unused branch finite.
+  recursion = jnp.expm1(z_large) / z_large
+  for i in range(1, k):
+    recursion = (recursion - 1.0 / math.factorial(i)) / z_large
+  return jnp.where(jnp.abs(z) < _PHI_SERIES_BELOW, series, recursion)
+
+
+# ----------------------------------------------------------------------------------------------------
 # DPM-Solver++ (Lu et al. 2022b), multistep, data prediction, in lambda = logSNR / 2.
 
 
@@ -159,10 +183,16 @@ def dpmpp_3m_update(*, x: Array, m: Array, lam: Array, lam_t: Array, alpha_t: Ar
   d1_0, d1_1 = (m[0] - m[1]) / r0, (m[1] - m[2]) / r1
   d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
   d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)
-  phi_1 = jnp.expm1(-h)  # e^-h - 1.
-  phi_2 = phi_1 / h + 1.0
-  phi_3 = phi_2 / h - 0.5
+  phi_1, phi_2, phi_3 = dpmpp_3m_coefficients(h)
   return (sigma_t / sigma_s) * x - (alpha_t * phi_1) * m[0] + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
+
+
+def dpmpp_3m_coefficients(h: Array) -> tuple[Array, Array, Array]:
+  """Lu et al. 2022b, App. B: e^-h - 1, (e^-h - 1 + h) / h and (e^-h - 1 + h) / h^2 - 1/2, i.e.
+
+  -h phi_1(-h), h phi_2(-h) and -h phi_3(-h), exact in float32 however small the step h.
+  """
+  return jnp.expm1(-h), h * phi(2, -h), -h * phi(3, -h)
 
 
 def dpmpp_sde_update(*, x: Array, m: Array, lam: Array, lam_t: Array, alpha_t: Array, sigma_t: Array,
@@ -254,17 +284,17 @@ def sample_dpmpp_2m_sde(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng
 
 
 def unipc_coefficients(*, rks: list[Array], h: Array) -> tuple[Array, Array]:
-  """Zhao et al. 2023, Alg. 2-3: R_p = [r_k^(i-1)] and g_p / B(h), g_i = i! phi_{i+1}(-h), B(h) = e^-h - 1."""
-  hh = -h
-  b_h = jnp.expm1(hh)
-  h_phi_k = jnp.expm1(hh) / hh - 1.0
-  rows, b, factorial = [], [], 1
+  """Zhao et al. 2023, Alg. 2-3 (bh2): R_p = [r_k^(i-1)] and b_i = i! phi_{i+1}(-h) / phi_1(-h).
+
+  b_i is their h phi_i(-h) i! / B(h) with B(h) = e^-h - 1 = -h phi_1(-h), as the series of phi keeps
+  it: diffusers' recursion from expm1 loses float32's digits for h below about 1e-2.
+  """
+  phi_1 = phi(1, -h)
+  rows, b = [], []
   r = jnp.stack(rks)
   for i in range(1, len(rks) + 1):
     rows.append(r ** (i - 1))
-    b.append(h_phi_k * factorial / b_h)
-    factorial *= i + 1
-    h_phi_k = h_phi_k / hh - 1.0 / factorial
+    b.append(math.factorial(i) * phi(i + 1, -h) / phi_1)
   return jnp.stack(rows), jnp.stack(b)
 
 

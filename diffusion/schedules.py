@@ -6,7 +6,14 @@ the train step to work, so variance-exploding (EDM, alpha = 1) or flow-matching 
 sigma = t) processes can be added beside the variance-preserving ones here.
 
 The discrete T-step DDPM schedule is the special case whose table of alpha-bar is read at t = i / T,
-i = 1..T, exactly; between grid points log(alpha-bar) is interpolated linearly.
+i = 1..T, exactly; between grid points log(alpha-bar) is interpolated linearly. The continuous ones
+compute log(alpha-bar) in closed form, so sigma^2 = -expm1(log alpha-bar) and logSNR keep float32's
+relative precision down to t = 1e-5, where alpha-bar rounds to 1.
+
+The network's time input (Schedule.model_time) is 1000 t: step i of a 1000-step schedule, the one with
+alpha-bar_i, is fed as i = 1..T. DDPM's code (diffusion_tf) and diffusers number the same step from
+zero and feed i - 1; a converted checkpoint sets config.diffusion.model_time="index_from_zero" to see
+exactly the values its training used.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class Schedule:
   t_from_logsnr_fn: Callable[[Array], Array]
   num_timesteps: int = 0  # > 0: a discrete DDPM schedule, trained and sampled at t = i / T.
   variance_preserving: bool = True
+  time_input: str = "index"  # The network's time input, one of MODEL_TIMES (see model_time).
 
   def logsnr(self, t: Array) -> Array:
     """log(alpha(t)^2 / sigma(t)^2), decreasing in t."""
@@ -45,12 +53,24 @@ class Schedule:
 
   @property
   def t_min(self) -> float:
-    """The smallest time trained and sampled: the first discrete step, or 1e-3 in continuous time."""
-    return 1.0 / self.num_timesteps if self.num_timesteps else 1e-3
+    """The smallest time trained, sampled and where the likelihood ODE starts: 1 / T, or T_MIN_CONTINUOUS."""
+    return 1.0 / self.num_timesteps if self.num_timesteps else T_MIN_CONTINUOUS
 
   def model_time(self, t: Array) -> Array:
-    """The network's time input: 1000 t, so step i of a 1000-step schedule is fed as i."""
-    return 1000.0 * jnp.asarray(t, jnp.float32)
+    """The network's time input: 1000 t ("index", step i fed as i) or T t - 1 ("index_from_zero", i - 1)."""
+    t = jnp.asarray(t, jnp.float32)
+    if self.time_input == "index_from_zero":
+      return self.num_timesteps * t - 1.0
+    return 1000.0 * t
+
+
+# Continuous-time training draws t from [T_MIN_CONTINUOUS, 1] and the likelihood ODE starts there
+# (Song et al. 2021, App. D.2: epsilon = 1e-5 for both).
+T_MIN_CONTINUOUS = 1e-5
+
+# The network's time input: "index" feeds 1000 t (step i of a 1000-step schedule as i, this codebase's
+# convention), "index_from_zero" feeds T t - 1 (step i as i - 1: DDPM's code and diffusers).
+MODEL_TIMES = ("index", "index_from_zero")
 
 
 def _as_float(x: Array) -> Array:
@@ -126,27 +146,35 @@ def _log_ab_to_logsnr(log_ab: Array) -> Array:
   return log_ab - jnp.log(-jnp.expm1(log_ab))  # log(ab / (1 - ab)).
 
 
-def _continuous_schedule(sqrt_ab_fn, t_from_sqrt_ab_fn, *, zero_terminal_snr: bool,
+def _continuous_schedule(log_ab_fn, t_from_log_ab_fn, *, zero_terminal_snr: bool,
                          logsnr_min: float) -> Schedule:
-  """A continuous-time VP schedule from sqrt(alpha-bar)(t) and its inverse.
+  """A continuous-time VP schedule from log alpha-bar(t) in closed form and its inverse.
 
   Without zero_terminal_snr, logSNR is clipped below at logsnr_min so x_0 stays recoverable at t = 1.
   """
-  end = float(sqrt_ab_fn(jnp.float32(1.0)))
-  if zero_terminal_snr:  # Lin et al. 2023, Alg. 1 with sqrt(alpha-bar)(0) = 1.
-    fwd = lambda t: (sqrt_ab_fn(t) - end) / (1.0 - end)
-    inv = lambda a: t_from_sqrt_ab_fn(a * (1.0 - end) + end)
+  if zero_terminal_snr:  # Lin et al. 2023, Alg. 1: sqrt(ab) -> (sqrt(ab) - e) / (1 - e), e = sqrt(ab)(1).
+    end = math.exp(0.5 * float(log_ab_fn(1.0)))
+
+    def fwd(t):
+      half = 0.5 * log_ab_fn(t)  # log sqrt(ab).
+      # log1p(expm1(half) / (1 - e)) keeps the precision where sqrt(ab) rounds to 1; where the ratio
+      # nears 0 (t -> 1) the direct log is the accurate one. Each branch sees only inputs it can take.
+      near_zero = jnp.log1p(jnp.expm1(jnp.maximum(half, -1.0)) / (1.0 - end))
+      direct = jnp.log(jnp.clip(jnp.exp(half) - end, 1e-30, 1.0)) - math.log1p(-end)
+      return 2.0 * jnp.where(half > -1.0, near_zero, direct)
+
+    def inv(log_ab):  # sqrt(ab) = sqrt(ab_z) (1 - e) + e, i.e. expm1(log sqrt(ab)) = expm1(log sqrt(ab_z)) (1 - e).
+      return t_from_log_ab_fn(2.0 * jnp.log1p(jnp.expm1(0.5 * log_ab) * (1.0 - end)))
     floor = -jnp.inf
   else:
-    fwd, inv, floor = sqrt_ab_fn, t_from_sqrt_ab_fn, logsnr_min
+    fwd, inv, floor = log_ab_fn, t_from_log_ab_fn, logsnr_min
 
   def logsnr_fn(t):
-    log_ab = 2.0 * jnp.log(jnp.clip(fwd(t), 1e-30, 1.0))
-    return jnp.maximum(_log_ab_to_logsnr(log_ab), floor)
+    return jnp.maximum(_log_ab_to_logsnr(jnp.minimum(fwd(t), 0.0)), floor)
 
   def t_from_logsnr_fn(logsnr):
-    sqrt_ab = jnp.sqrt(jax_sigmoid(jnp.maximum(logsnr, floor)))
-    return jnp.clip(inv(sqrt_ab), 0.0, 1.0)
+    log_ab = -jnp.logaddexp(-jnp.maximum(logsnr, floor), 0.0)  # log sigmoid(logSNR).
+    return jnp.clip(inv(log_ab), 0.0, 1.0)
 
   return Schedule(logsnr_fn, t_from_logsnr_fn, num_timesteps=0)
 
@@ -159,21 +187,40 @@ def continuous_linear(beta_start: float, beta_end: float, *, zero_terminal_snr: 
   beta_min = scale b0, beta_max = scale b1.
   """
   b0, db = scale * beta_start, scale * (beta_end - beta_start)
-  sqrt_ab = lambda t: jnp.exp(-0.5 * (b0 * t + 0.5 * db * t**2))
-  def t_from_sqrt_ab(a):  # Solve db/2 t^2 + b0 t + 2 log(a) = 0 for t >= 0.
-    c = -2.0 * jnp.log(a)
-    return (-b0 + jnp.sqrt(b0**2 + 2.0 * db * c)) / db if db else c / b0
-  return _continuous_schedule(sqrt_ab, t_from_sqrt_ab, zero_terminal_snr=zero_terminal_snr,
+  log_ab = lambda t: -(b0 * t + 0.5 * db * t**2)
+
+  def t_from_log_ab(log_ab):  # The root t >= 0 of db/2 t^2 + b0 t - c = 0, c = -log ab, without cancellation.
+    c = -log_ab
+    return 2.0 * c / (b0 + jnp.sqrt(b0**2 + 2.0 * db * c))
+  return _continuous_schedule(log_ab, t_from_log_ab, zero_terminal_snr=zero_terminal_snr,
                               logsnr_min=-jnp.inf)
 
 
 def continuous_cosine(s: float = 0.008, *, zero_terminal_snr: bool = False,
                       logsnr_min: float = -20.0) -> Schedule:
-  """Nichol & Dhariwal 2021's cosine schedule in continuous time, logSNR clipped below at logsnr_min."""
-  f0 = math.cos(s / (1 + s) * math.pi / 2)
-  sqrt_ab = lambda t: jnp.cos((t + s) / (1 + s) * math.pi / 2) / f0
-  t_from_sqrt_ab = lambda a: jnp.arccos(jnp.clip(a * f0, -1.0, 1.0)) * 2 / math.pi * (1 + s) - s
-  return _continuous_schedule(sqrt_ab, t_from_sqrt_ab, zero_terminal_snr=zero_terminal_snr,
+  """Nichol & Dhariwal 2021's cosine schedule in continuous time, logSNR clipped below at logsnr_min.
+
+  sqrt(alpha-bar)(t) = cos(a + d) / cos(a) = 1 - 2 sin^2(d / 2) - tan(a) sin(d), a = s / (1 + s) pi / 2,
+  d = t / (1 + s) pi / 2: the right-hand form gives log alpha-bar without cancellation near t = 0.
+  """
+  a = s / (1 + s) * math.pi / 2
+  f0 = math.cos(a)
+
+  def log_ab(t):
+    d = t / (1 + s) * math.pi / 2
+    small = jnp.minimum(d, 0.5)
+    near_zero = 2.0 * jnp.log1p(-2.0 * jnp.sin(0.5 * small) ** 2 - math.tan(a) * jnp.sin(small))
+    direct = 2.0 * jnp.log(jnp.clip(jnp.cos(a + d) / f0, 1e-30, 1.0))
+    return jnp.where(d < 0.5, near_zero, direct)
+
+  def t_from_log_ab(log_ab):
+    # a + d = arccos(x), x = f0 (1 - m), m = 1 - sqrt(ab), as atan2(sqrt((1 - x)(1 + x)), x) with
+    # 1 - x = 2 sin^2(a / 2) + f0 m free of cancellation.
+    m = -jnp.expm1(0.5 * log_ab)
+    x = f0 * (1.0 - m)
+    angle = jnp.arctan2(jnp.sqrt((2.0 * math.sin(0.5 * a) ** 2 + f0 * m) * (1.0 + x)), x)
+    return angle * 2 / math.pi * (1 + s) - s
+  return _continuous_schedule(log_ab, t_from_log_ab, zero_terminal_snr=zero_terminal_snr,
                               logsnr_min=logsnr_min)
 
 
@@ -181,7 +228,8 @@ SCHEDULES = ("linear", "cosine")
 
 
 def create_schedule(*, schedule: str, num_timesteps: int, beta_start: float = 1e-4,
-                    beta_end: float = 0.02, zero_terminal_snr: bool = False) -> Schedule:
+                    beta_end: float = 0.02, zero_terminal_snr: bool = False,
+                    model_time: str = "index") -> Schedule:
   """The schedule named by config.diffusion.schedule, discrete if num_timesteps > 0."""
   if schedule not in SCHEDULES:
     raise ValueError(f"config.diffusion.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}.")
@@ -190,10 +238,17 @@ def create_schedule(*, schedule: str, num_timesteps: int, beta_start: float = 1e
   if schedule == "linear" and not 0 < beta_start < beta_end < 1:
     raise ValueError(f"config.diffusion.beta_start={beta_start} and beta_end={beta_end} must satisfy "
                      "0 < beta_start < beta_end < 1.")
+  if model_time not in MODEL_TIMES:
+    raise ValueError(f"config.diffusion.model_time={model_time!r} is not one of {', '.join(MODEL_TIMES)}.")
+  if model_time == "index_from_zero" and num_timesteps <= 0:
+    raise ValueError("config.diffusion.model_time='index_from_zero' numbers discrete steps; it needs "
+                     f"config.diffusion.num_timesteps > 0, got {num_timesteps}.")
   if num_timesteps > 0:
     betas = (linear_betas(num_timesteps, beta_start, beta_end) if schedule == "linear"
              else cosine_betas(num_timesteps))
-    return discrete_schedule(betas, zero_terminal_snr=zero_terminal_snr)
-  if schedule == "linear":
-    return continuous_linear(beta_start, beta_end, zero_terminal_snr=zero_terminal_snr)
-  return continuous_cosine(zero_terminal_snr=zero_terminal_snr)
+    out = discrete_schedule(betas, zero_terminal_snr=zero_terminal_snr)
+  elif schedule == "linear":
+    out = continuous_linear(beta_start, beta_end, zero_terminal_snr=zero_terminal_snr)
+  else:
+    out = continuous_cosine(zero_terminal_snr=zero_terminal_snr)
+  return dataclasses.replace(out, time_input=model_time)

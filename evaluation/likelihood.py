@@ -1,8 +1,19 @@
 """Negative log-likelihood in bits/dim: the probability-flow ODE, and the discrete variational bound.
 
 PF-ODE (Song et al. 2021, Sec. 4.3 and App. D.2): x follows dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat
-from t_eps to 1, and log p_{t_eps}(x) = log N(x_1; 0, I) + int div(dx/dt) dt (instantaneous change of
-variables, Chen et al. 2018). The divergence is exact (D Jacobian-vector products) or the unbiased
+from t0 to 1, and log p_{t0}(x) = log N(x_1; 0, I) + int div(dx/dt) dt (instantaneous change of
+variables, Chen et al. 2018). t0 = schedule.t_min, the smallest time the network was trained at: 1 / T
+for a discrete T-step model, 1e-5 in continuous time (where Song et al. train and integrate from); the
+network is never asked below it.
+
+The noise left at t0 (sigma0 = sigma(t0), 1.3 pixel levels for DDPM's linear schedule at T = 1000) is
+accounted for by a Gaussian encoder q(x | y) = N(alpha0 y, sigma0^2 I) and decoder p(y | x) =
+N(x / alpha0, (sigma0 / alpha0)^2 I): the model's density of data y is p(y) = int p_{t0}(x) p(y | x) dx,
+and with x = alpha0 y + sigma0 e the ELBO's log p(y | x) - log q(x | y) = D log alpha0 (the |e|^2 and
+sigma0 terms cancel), so
+  log p(y) >= E_e[log p_{t0}(alpha0 y + sigma0 e)] + D log alpha0,  e ~ N(0, I),
+estimated with one e per image; the gap is KL(q(x | y) || p(x | y)). For data of density p_data and the
+exact p_{t0}, p(y) is p_data convolved with N(0, sigma0^2 / alpha0^2 I). The divergence is exact (D Jacobian-vector products) or the unbiased
 Hutchinson-Skilling estimate eps^T J eps with one Rademacher or Gaussian probe per image, fixed along
 the path. The ODE is solved in u = log t, where every schedule here is smooth down to t -> 0 (logSNR ~
 -log t), with adaptive Dormand-Prince 5(4) (scipy's RK45, which Song et al. use, rtol = atol = 1e-5) or
@@ -40,7 +51,6 @@ DenoiseFn = Callable[[Array, Array], tuple[Array, Array]]
 
 DIVERGENCES = ("rademacher", "gaussian", "exact")
 SOLVERS = ("dopri5", "rk4")
-T_EPS = 1e-5  # Song et al. 2021, App. D.2: the ODE starts at t = 1e-5, not at the data.
 
 
 def _per_example_sum(x: Array) -> Array:
@@ -132,8 +142,12 @@ def _stages(fn, t, y, h, ks, a, c, first: int):
   return lax.fori_loop(first, a.shape[0], stage, ks)
 
 
-def solve_rk4(fn, y0, t0: float, t1: float, *, num_steps: int) -> tuple[Any, Array]:
-  """Classical RK4 with num_steps equal steps from t0 to t1; returns (y(t1), number of fn calls)."""
+def _finite(tree) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def solve_rk4(fn, y0, t0: float, t1: float, *, num_steps: int) -> tuple[Any, Array, Array]:
+  """Classical RK4 with num_steps equal steps from t0 to t1: (y(t1), number of fn calls, y finite)."""
   a, b, c = (jnp.asarray(v, jnp.float32) for v in _RK4)
   h = (t1 - t0) / num_steps
 
@@ -142,7 +156,7 @@ def solve_rk4(fn, y0, t0: float, t1: float, *, num_steps: int) -> tuple[Any, Arr
     ks = _stages(fn, t0 + i * h, y, h, ks, a, c, first=0)
     return _combine(y, ks, h, b), None
   y, _ = lax.scan(step, y0, jnp.arange(num_steps, dtype=jnp.float32))
-  return y, jnp.asarray(4 * num_steps)
+  return y, jnp.asarray(4 * num_steps), _finite(y)
 
 
 def _rms(tree) -> Array:
@@ -151,10 +165,12 @@ def _rms(tree) -> Array:
 
 
 def solve_dopri5(fn, y0, t0: float, t1: float, *, rtol: float = 1e-5, atol: float = 1e-5,
-                 max_steps: int = 10_000) -> tuple[Any, Array]:
+                 max_steps: int = 10_000) -> tuple[Any, Array, Array]:
   """Adaptive Dormand-Prince 5(4) as scipy's RK45: RMS error norm over all components, safety 0.9,
 
-  step factors in [0.2, 10], local extrapolation, FSAL. Returns (y(t1), number of fn calls).
+  step factors in [0.2, 10], local extrapolation, FSAL. Returns (y, number of fn calls, success):
+  success is False when max_steps steps (accepted or not) end before t1, or y is not finite; y is
+  then the state at some earlier time and must not be used.
   """
   a, c, e = (jnp.asarray(v, jnp.float32) for v in (_DOPRI5_A, _DOPRI5_C, _DOPRI5_E))
   direction = 1.0 if t1 >= t0 else -1.0
@@ -186,8 +202,9 @@ def solve_dopri5(fn, y0, t0: float, t1: float, *, rtol: float = 1e-5, atol: floa
             jnp.abs(h) * factor, nfe + 6, n + 1)
 
   carry = (jnp.float32(t0), y0, k0, h0.astype(jnp.float32), jnp.asarray(1), jnp.asarray(0))
-  _, y, _, _, nfe, _ = lax.while_loop(cond, body, carry)
-  return y, nfe
+  t, y, _, _, nfe, _ = lax.while_loop(cond, body, carry)
+  reached = direction * (t1 - t) <= 1e-7 * abs(t1 - t0)
+  return y, nfe, reached & _finite(y)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,17 +221,20 @@ def ode_end_time(schedule: schedules.Schedule) -> float:
 
 def ode_log_likelihood(denoise_fn: DenoiseFn, x: Array, rng: Array, *, schedule: schedules.Schedule,
                        divergence: str = "rademacher", solver: str = "dopri5", rtol: float = 1e-5,
-                       atol: float = 1e-5, num_steps: int = 100, t_eps: float = T_EPS
-                       ) -> tuple[Array, Array, Array]:
-  """(log p(x) in nats [B], z = x(1) [B, ...], number of model calls) of x at t_eps under the PF-ODE.
+                       atol: float = 1e-5, num_steps: int = 100, max_steps: int = 10_000,
+                       t_start: float | None = None) -> tuple[Array, Array, Array, Array]:
+  """(log p_{t0}(x) in nats [B], z = x(1) [B, ...], model calls, success) of x at t0 under the PF-ODE.
 
-  divergence: "rademacher" or "gaussian" (Hutchinson, one probe per image from rng) or "exact".
-  solver: "dopri5" (adaptive, rtol/atol) or "rk4" (num_steps steps in log t). Jittable.
+  t0 = t_start, by default schedule.t_min. divergence: "rademacher" or "gaussian" (Hutchinson, one
+  probe per image from rng) or "exact". solver: "dopri5" (adaptive, rtol/atol, at most max_steps
+  steps) or "rk4" (num_steps steps in log t). success is False if the solver did not reach t = 1; the
+  log-density is then NaN, never a number from the wrong time. Jittable.
   """
   if divergence not in DIVERGENCES:
     raise ValueError(f"divergence={divergence!r} is not one of {', '.join(DIVERGENCES)}.")
   if solver not in SOLVERS:
     raise ValueError(f"solver={solver!r} is not one of {', '.join(SOLVERS)}.")
+  t_start = schedule.t_min if t_start is None else t_start
   probe = None if divergence == "exact" else hutchinson_probe(rng, x.shape, divergence, x.dtype)
 
   def fn(u, state):  # d/du [x, log-density change] in u = log t.
@@ -227,21 +247,46 @@ def ode_log_likelihood(denoise_fn: DenoiseFn, x: Array, rng: Array, *, schedule:
     return v, _per_example_sum(probe * jv)
 
   state0 = (x, jnp.zeros((x.shape[0],), x.dtype))
-  u0, u1 = math.log(t_eps), math.log(ode_end_time(schedule))
+  u0, u1 = math.log(t_start), math.log(ode_end_time(schedule))
   if solver == "dopri5":
-    (z, delta), nfe = solve_dopri5(fn, state0, u0, u1, rtol=rtol, atol=atol)
+    (z, delta), nfe, success = solve_dopri5(fn, state0, u0, u1, rtol=rtol, atol=atol, max_steps=max_steps)
   else:
-    (z, delta), nfe = solve_rk4(fn, state0, u0, u1, num_steps=num_steps)
-  return standard_normal_logpdf(z) + delta, z, nfe
+    (z, delta), nfe, success = solve_rk4(fn, state0, u0, u1, num_steps=num_steps)
+  logp = jnp.where(success, standard_normal_logpdf(z) + delta, jnp.nan)
+  return logp, z, nfe, success
+
+
+def data_log_likelihood(denoise_fn: DenoiseFn, y: Array, rng: Array, *, schedule: schedules.Schedule,
+                        start_noise: bool = True, t_start: float | None = None,
+                        **options) -> tuple[Array, Array, Array]:
+  """(bound on log p(y) in nats [B], model calls, success) of data y: the module docstring's bound
+
+  log p(y) >= log p_{t0}(alpha0 y + sigma0 e) + D log alpha0 with one e ~ N(0, I) per image, t0 =
+  t_start (default schedule.t_min). start_noise=False scores y itself as a sample of p_{t0} instead
+  (Song et al. 2021's approximation, exact only as t0 -> 0). options: those of ode_log_likelihood.
+  """
+  t_start = schedule.t_min if t_start is None else t_start
+  noise_rng, probe_rng = jax.random.split(rng)
+  x, log_jacobian = y, 0.0
+  if start_noise:
+    alpha0, sigma0 = (a.astype(y.dtype) for a in schedule.alpha_sigma(jnp.float32(t_start)))
+    x = alpha0 * y + sigma0 * jax.random.normal(noise_rng, y.shape, y.dtype)
+    log_jacobian = math.prod(y.shape[1:]) * jnp.log(alpha0)
+  logp, _, nfe, success = ode_log_likelihood(denoise_fn, x, probe_rng, schedule=schedule, t_start=t_start,
+                                             **options)
+  return logp + log_jacobian, nfe, success
 
 
 def ode_bits_per_dim(denoise_fn: DenoiseFn, images: Array, rng: Array, *, schedule: schedules.Schedule,
-                     **options) -> tuple[Array, Array]:
-  """(bpd [B], model calls) of uint8 images [B, H, W, C]: dequantised, then the PF-ODE (options as above)."""
-  dequant_rng, probe_rng = jax.random.split(rng)
-  x = dequantize(images, dequant_rng)
-  logp, _, nfe = ode_log_likelihood(denoise_fn, x, probe_rng, schedule=schedule, **options)
-  return bits_per_dim(logp, math.prod(images.shape[1:])), nfe
+                     **options) -> tuple[Array, Array, Array]:
+  """(bpd [B], model calls, success) of uint8 images [B, H, W, C]: dequantised, then data_log_likelihood
+
+  (options as there); bpd is NaN where the solver failed.
+  """
+  dequant_rng, ode_rng = jax.random.split(rng)
+  y = dequantize(images, dequant_rng)
+  logp, nfe, success = data_log_likelihood(denoise_fn, y, ode_rng, schedule=schedule, **options)
+  return bits_per_dim(logp, math.prod(images.shape[1:])), nfe, success
 
 
 # ----------------------------------------------------------------------------------------------------

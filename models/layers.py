@@ -18,6 +18,20 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
   return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
+def fused_init(parts: int, scale: float = 1.0) -> nn.initializers.Initializer:
+  """default_init for a Dense that fuses `parts` equal layers along its output: each C_in x C_out block
+
+  is drawn as its own layer (DDPM's q, k, v are three C x C layers), not with the fan of the fused one.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    if shape[-1] % parts:
+      raise ValueError(f"fused_init: {shape[-1]} outputs do not split into {parts} equal layers.")
+    block = shape[:-1] + (shape[-1] // parts,)
+    return jnp.concatenate([default_init(scale)(k, block, dtype) for k in jax.random.split(key, parts)],
+                           axis=-1)
+  return init
+
+
 def num_groups(channels: int, max_groups: int = 32) -> int:
   """GroupNorm groups: 32 for DDPM widths (>= 64 channels), else most with >= 2 channels each."""
   # One channel per group would cancel the embedding that DDPM adds per channel before the norm,
@@ -92,7 +106,7 @@ class AttnBlock(nn.Module):
           "attention block; pick num_heads dividing ch * ch_mult[i] at every attention level.")
     head_dim = c // self.num_heads
     h = group_norm(c, self.dtype, name="norm")(x)
-    qkv = nn.Dense(3 * c, kernel_init=default_init(), dtype=self.dtype, name="qkv")(h)
+    qkv = nn.Dense(3 * c, kernel_init=fused_init(3), dtype=self.dtype, name="qkv")(h)
     q, k, v = jnp.split(qkv.reshape(b, height * width, 3 * self.num_heads, head_dim), 3, axis=2)
     # [B, T, N, H], scaled by 1/sqrt(H).
     h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention)

@@ -12,6 +12,7 @@ if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
 import functools  # pylint: disable=g-import-not-at-top
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from scipy.integrate import quad
 from scipy.integrate import solve_ivp
 from scipy.stats import norm
 
@@ -254,6 +256,45 @@ def test_zero_terminal_snr_start():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Coefficients of the exponential integrators in float32, against float64 quadrature.
+
+SMALL_STEPS = np.geomspace(1e-4, 1.0, 9)
+
+
+def _phi_reference(k, z):
+  """phi_k(z) = int_0^1 e^((1 - s) z) s^(k-1) / (k-1)! ds by quadrature, in float64."""
+  f = lambda s: np.exp((1 - s) * z) * s ** (k - 1) / math.factorial(k - 1)
+  return quad(f, 0.0, 1.0, epsabs=0.0, epsrel=1e-13)[0]
+
+
+def test_phi_functions_keep_float32_precision_for_small_steps():
+  for h in list(SMALL_STEPS) + [1.5, 2.0, 5.0]:
+    for k in (1, 2, 3, 4):
+      got = float(samplers.phi(k, jnp.float32(-h)))
+      assert got == pytest.approx(_phi_reference(k, -h), rel=1e-6), (k, h)
+
+
+def test_dpmpp_3m_and_unipc_coefficients_keep_float32_precision():
+  """Lu et al. 2022b's phi_2, phi_3 and Zhao et al. 2023's rhos (their R rhos = b) at h = 1e-4 .. 1;
+
+  with the recursion from expm1, float32 gave UniC-2 rhos [0.27, 0.23] at h = 1e-3 against [0.083, 0.417].
+  """
+  for h in SMALL_STEPS:
+    phis = samplers.dpmpp_3m_coefficients(jnp.float32(h))
+    expected = (math.expm1(-h), h * _phi_reference(2, -h), -h * _phi_reference(3, -h))
+    np.testing.assert_allclose(np.asarray(phis, np.float64), expected, rtol=1e-5, err_msg=f"h={h}")
+    for rks in ([-1.0, 1.0], [-1.0, -2.0, 1.0], [-0.7, -1.9, 1.0]):  # UniC-2, UniC-3 (uniform, not).
+      r, b = samplers.unipc_coefficients(rks=[jnp.float32(v) for v in rks], h=jnp.float32(h))
+      rhos = np.linalg.solve(np.asarray(r, np.float64), np.asarray(b, np.float64))
+      r_ref = np.stack([np.asarray(rks) ** i for i in range(len(rks))])
+      b_ref = [math.factorial(i) * _phi_reference(i + 1, -h) / _phi_reference(1, -h)
+               for i in range(1, len(rks) + 1)]
+      np.testing.assert_allclose(np.asarray(b, np.float64), b_ref, rtol=1e-5, err_msg=f"h={h}")
+      np.testing.assert_allclose(rhos, np.linalg.solve(r_ref, b_ref), rtol=1e-4, atol=1e-5,
+                                 err_msg=f"h={h}, rks={rks}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Stochastic samplers reproduce the data distribution.
 
 STOCHASTIC = [("ddpm", DISCRETE, {}), ("ddpm", DISCRETE, {"variance": "large"}),
@@ -346,7 +387,7 @@ def test_guidance_scale_one_is_conditional_sampling_and_zero_unconditional():
 def test_guidance_mixes_conditional_and_unconditional_predictions():
   """One call of the guided denoise_fn: x0 and eps are uncond + w (cond - uncond), any parameterisation;
 
-  the rescale (phi) acts on the network output (here v), as in diffusers.
+  the rescale (phi) acts on x0_hat, whatever the network predicts (tests/test_guidance.py).
   """
   labels = jnp.array([0, 1, 2, 1])
   x = jax.random.normal(jax.random.key(0), (4, 2))
@@ -360,10 +401,9 @@ def test_guidance_mixes_conditional_and_unconditional_predictions():
     np.testing.assert_allclose(g, u + 3.0 * (c - u), atol=1e-5)
   rescaled = make(labels=labels, null_label=NULL, guidance_scale=3.0, guidance_rescale=0.7)(x, t)
   alpha, sigma = DISCRETE.alpha_sigma(t)
-  mt = jnp.full((4,), DISCRETE.model_time(t))
-  v_cond, v_uncond = apply_fn(x, mt, labels), apply_fn(x, mt, jnp.full((4,), NULL))
-  v = guidance.rescale_guidance(guided=v_uncond + 3.0 * (v_cond - v_uncond), cond=v_cond, phi=0.7)
-  np.testing.assert_allclose(rescaled[0], alpha * x - sigma * v, atol=1e-5)
+  x0 = guidance.rescale_guidance(guided=guided[0], cond=cond[0], phi=0.7)
+  np.testing.assert_allclose(rescaled[0], x0, atol=1e-5)
+  np.testing.assert_allclose(alpha * rescaled[0] + sigma * rescaled[1], x, atol=1e-5)
   assert not np.allclose(rescaled[0], guided[0], atol=1e-3)
   # Dynamic thresholding clips x0 and keeps (x0, eps) consistent with x_t.
   x0, eps = make(labels=labels, null_label=NULL, guidance_scale=3.0, dynamic_threshold=0.5)(4.0 * x, t)

@@ -266,3 +266,18 @@ def test_validate_model_switches(key, value, message):
   bad = ml_collections.ConfigDict({**default.get_config().model.to_dict(), "remat": "yes"})
   with pytest.raises(ValueError, match=r"config\.model\.remat='yes' is not one of False, True\."):
     config_check.validate_model(bad, image_size=32)
+
+
+def test_fused_qkv_starts_as_ddpm_three_layers():
+  """DDPM's q, k, v are three C x C layers, variance_scaling(1, fan_avg, uniform): std 1/sqrt(C) each.
+
+  One Dense(3C) with the fused layer's fan_avg 2C would start 1/sqrt(2) smaller.
+  """
+  c = 64
+  params = layers.AttnBlock().init(jax.random.key(0), jnp.zeros((1, 4, 4, c)))["params"]
+  kernel = np.asarray(params["qkv"]["kernel"])
+  assert kernel.shape == (c, 3 * c)
+  for block in np.split(kernel, 3, axis=1):  # q, k, v, in the order AttnBlock splits them.
+    assert block.std() == pytest.approx(1 / math.sqrt(c), rel=0.03)
+    assert np.abs(block).max() <= math.sqrt(3 / c)  # Uniform on [-sqrt(3 / C), sqrt(3 / C)].
+  assert not np.allclose(kernel[:, :c], kernel[:, c:2 * c])  # Independent draws.

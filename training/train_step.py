@@ -73,7 +73,11 @@ def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransforma
 
 
 def sample_times(rng: jax.Array, batch_size: int, schedule: schedules.Schedule) -> jax.Array:
-  """Training times: uniform over the T discrete steps i / T, or over (t_min, 1] in continuous time."""
+  """Training times: uniform over the T discrete steps i / T, or over [t_min, 1] in continuous time
+
+  (t_min = 1e-5, Song et al. 2021, App. D.2), so the likelihood ODE, which starts at t_min, runs
+  where the network was trained.
+  """
   if schedule.num_timesteps:
     i = jax.random.randint(rng, (batch_size,), 1, schedule.num_timesteps + 1)
     return i.astype(jnp.float32) / schedule.num_timesteps
