@@ -8,6 +8,7 @@ This file is intentionally kept short: the logic lives in libraries that can be 
 
 import logging as logging_std
 import os
+import sys
 
 import jax
 from absl import app
@@ -32,6 +33,9 @@ flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Errors whose message is the whole story; any other exception also shows its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+
 
 class _QuietLibraries(logging_std.Filter):
   """Keeps Orbax's per-save INFO chatter out of the console; its warnings and errors still show."""
@@ -50,20 +54,34 @@ def main(argv):
     logging.info("XLA:CPU settings from config.cpu: %s", applied)
   distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                          num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  distributed.quiet_other_processes()
   # Compiled programs persist across runs: a resumed or repeated run skips most compilation.
   jax.config.update("jax_compilation_cache_dir", os.environ.get(
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jax-compilation-cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  logging.info("Config:\n%s", FLAGS.config)
+  # One line: the config file and the overrides (the whole config goes to workdir/config.json and
+  # beside each checkpoint; --verbosity=1 logs it here too).
+  logging.info("Config %s with overrides %s", config_flags.get_config_filename(FLAGS["config"]),
+               config_flags.get_override_values(FLAGS["config"]) or "none")
+  logging.vlog(1, "Config:\n%s", FLAGS.config)
   # Imported after jax.distributed is initialised.
   from evaluation import evaluate  # pylint: disable=g-import-not-at-top
   from evaluation import fid  # pylint: disable=g-import-not-at-top
+  from training import checkpoints  # pylint: disable=g-import-not-at-top
   from training import sample  # pylint: disable=g-import-not-at-top
   from training import train  # pylint: disable=g-import-not-at-top
 
   modes = {"train": train.train, "sample": sample.sample, "fid_stats": fid.compute_reference_stats,
            "eval": evaluate.evaluate}
-  modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+  try:
+    checkpoints.check_workdir(FLAGS.workdir)
+    modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+  except EXPECTED_ERRORS as e:
+    # A bad config, a checkpoint that does not fit, a missing or unreadable file, a bad workdir: the
+    # message says what to do, so it is all that is printed (--verbosity=1 adds the traceback).
+    logging.vlog(1, "Traceback:", exc_info=True)
+    sys.stderr.write(f"Error: {e}\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ sampler, its steps and options, the seed and the reference file, to workdir/eval
 JSON object a line, appended when the checkpoint is done) and to TensorBoard under workdir/eval. A rerun
 skips what metrics.jsonl already holds, so an interrupted evaluation resumes at the next checkpoint.
 
+It can run beside the training job: process 0 decides which steps to evaluate and every process follows
+it; a checkpoint that training's max_to_keep deletes before (or while) it is restored is skipped with a
+warning.
+
 The model comes from the checkpoint's own config; config.sample and config.eval from the command line,
 and config.data names the reference images (FID statistics path, NLL images).
 """
@@ -19,13 +23,15 @@ import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,8 +51,9 @@ from training import writers
 def validate_eval(eval_config: ml_collections.ConfigDict, *, device_count: int) -> None:
   """Raises ValueError naming the config.eval key that is out of range."""
   ev = eval_config
-  if not isinstance(ev.num_samples, int) or ev.num_samples < 2:
-    raise ValueError(f"config.eval.num_samples={ev.num_samples!r} must be an integer >= 2 (a covariance).")
+  if not isinstance(ev.num_samples, int) or ev.num_samples < fid.IS_SPLITS:
+    raise ValueError(f"config.eval.num_samples={ev.num_samples!r} must be an integer >= {fid.IS_SPLITS}: the "
+                     f"Inception Score averages over {fid.IS_SPLITS} splits of the samples.")
   if not isinstance(ev.batch_size, int) or ev.batch_size <= 0 or ev.batch_size % device_count:
     raise ValueError(f"config.eval.batch_size={ev.batch_size!r} must be a positive multiple of the "
                      f"{device_count} devices.")
@@ -64,8 +71,10 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 def settings(config: ml_collections.ConfigDict, step: int, schedule, reference: str) -> dict[str, Any]:
   """What produces the figures of a checkpoint; a result with the same settings is not computed again."""
   options = generate.SampleOptions.from_config(config)
-  out = {"step": step, "num_samples": config.eval.num_samples, "sampler": options.sampler,
-         "steps": options.steps, "grid": options.grid or samplers.default_grid(options.sampler, schedule),
+  # The seed of each chunk of eval.batch_size images depends on the chunk's index (_chunk_seed).
+  out = {"step": step, "num_samples": config.eval.num_samples, "batch_size": config.eval.batch_size,
+         "sampler": options.sampler, "steps": options.steps,
+         "grid": options.grid or samplers.default_grid(options.sampler, schedule),
          **options.sampler_options(), "guidance_scale": options.guidance_scale,
          "guidance_rescale": options.guidance_rescale, "dynamic_threshold": options.dynamic_threshold,
          "clip_x0": options.clip_x0, "seed": config.sample.seed, "reference_stats": os.path.abspath(reference)}
@@ -135,13 +144,15 @@ def _rows(array: np.ndarray, index) -> np.ndarray:
   return array[index]
 
 
-def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh: jax.sharding.Mesh
-        ) -> dict[str, Any]:
+def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh: jax.sharding.Mesh,
+        max_steps: int = 10_000) -> dict[str, Any]:
   """Mean bits/dim of the first config.eval.nll_num images of config.data.split: PF-ODE (Song et al.
 
-  2021; Hutchinson or exact trace per config.eval.nll_hutchinson) and, for discrete-time models, the
+  2021; Hutchinson or exact trace per config.eval.nll_hutchinson) from schedule.t_min with the noise
+  left there bounded by a Gaussian decoder (evaluation/likelihood.py) and, for discrete-time models, the
   variational bound (Ho et al. 2020) with config.sample.ddpm_variance. Class-conditional models are
-  conditioned on the true labels, without guidance.
+  conditioned on the true labels, without guidance. Where the adaptive solver fails to reach t = 1 in
+  max_steps steps, nll_ode_bpd is NaN and nll_ode_failed_images counts the images of the failed batches.
   """
   ev = config.eval
   data = run_lib.DatasetImages(config.data)
@@ -156,9 +167,9 @@ def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh
     denoise_fn = guidance.make_denoise_fn(apply_fn, schedule=schedule, prediction=config.diffusion.prediction,
                                           labels=labels if num_classes else None)
     ode_rng, vlb_rng = jax.random.split(rng)
-    bpd, nfe = likelihood.ode_bits_per_dim(denoise_fn, images, ode_rng, schedule=schedule,
-                                           divergence=divergence)
-    out = {"ode": bpd, "nfe": jnp.broadcast_to(nfe, bpd.shape)}
+    bpd, nfe, success = likelihood.ode_bits_per_dim(denoise_fn, images, ode_rng, schedule=schedule,
+                                                    divergence=divergence, max_steps=max_steps)
+    out = {"ode": bpd, "nfe": jnp.broadcast_to(nfe, bpd.shape), "ode_ok": jnp.broadcast_to(success, bpd.shape)}
     if discrete:
       out["vlb"] = likelihood.vlb_bits_per_dim(denoise_fn, images, vlb_rng, schedule=schedule,
                                                variance=config.sample.ddpm_variance)["bpd"]
@@ -182,14 +193,103 @@ def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh
     results.append(jax.tree.map(lambda a: np.asarray(a)[:n], jax.device_get(out)))
   merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
   sem = lambda a: float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
+  failed = int(np.sum(~merged["ode_ok"]))
+  if failed:  # The ODE's bpd of those batches is NaN, and so is the mean: no number from the wrong time.
+    logging.error("The PF-ODE solver (dopri5) did not reach t = 1 within %d steps on %d of %d images; "
+                  "nll_ode_bpd is recorded as NaN.", max_steps, failed, num)
   record = {"nll_ode_bpd": float(merged["ode"].mean()), "nll_ode_bpd_sem": sem(merged["ode"]),
             "nll_ode_nfe": float(merged["nfe"].mean()), "nll_ode_divergence": divergence,
-            "nll_ode_solver": "dopri5 rtol=atol=1e-5", "nll_ode_t_eps": likelihood.T_EPS,
+            "nll_ode_solver": f"dopri5 rtol=atol=1e-5 max_steps={max_steps}",
+            "nll_ode_failed_images": failed, "nll_ode_t_start": schedule.t_min,
+            "nll_ode_start_noise": "bound: x_t0 = alpha0 y + sigma0 e, one e per image, + D log alpha0",
             "nll_images": num}
   if discrete:
     record.update(nll_vlb_bpd=float(merged["vlb"].mean()), nll_vlb_bpd_sem=sem(merged["vlb"]),
                   nll_vlb_variance=config.sample.ddpm_variance)
   return record
+
+
+def _broadcast_json(value: Any) -> Any:
+  """Process 0's value (anything JSON can hold) on every process; the others' value is ignored."""
+  source = jax.process_index() == 0
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8).astype(np.int32) if source else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if source else 0)))
+  data = multihost_utils.broadcast_one_to_all(data if source else np.zeros(size, np.int32))
+  return json.loads(np.asarray(data, np.uint8).tobytes().decode())
+
+
+def _on_process_0(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """fn(*args, **kwargs) computed on process 0 and broadcast, so every process acts on one decision.
+
+  An exception raised there is raised on every process (a FileNotFoundError or ValueError as such).
+  """
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e  # Broadcast first: the other processes wait for the decision.
+  result, message = _broadcast_json([result, None if error is None else [type(error).__name__, str(error)]])
+  if error is not None:
+    raise error
+  if message is not None:
+    kind = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(message[0])
+    raise kind(message[1]) if kind else RuntimeError(f"On process 0: {message[0]}: {message[1]}")
+  return result
+
+
+def _steps_on_disk(manager: ocp.CheckpointManager) -> list[int]:
+  """The checkpoint steps there are now; no barrier, so process 0 may ask alone."""
+  manager.reload()
+  return sorted(manager.all_steps())
+
+
+def _steps_to_evaluate(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> list[int]:
+  """Every checkpoint step, or only step (config.eval.step)."""
+  all_steps = _steps_on_disk(manager)
+  if not all_steps:
+    raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
+                            "(--mode=train) or pass the workdir of a trained run.")
+  if step is not None and step not in all_steps:
+    raise ValueError(f"config.eval.step={step} is not a checkpoint of {workdir}; there are {all_steps}.")
+  return all_steps if step is None else [step]
+
+
+def _restore(manager: ocp.CheckpointManager, workdir: str, step: int, mesh: jax.sharding.Mesh
+             ) -> tuple[Any, ...] | None:
+  """load_run's (config, state, model, schedule) and the image shape, or None if step was deleted.
+
+  Whether the step still exists is decided on process 0, before and after a failed restore, so every
+  process skips it or none does.
+  """
+  if step not in _on_process_0(_steps_on_disk, manager):
+    logging.warning("Checkpoint %d of %s was deleted (training's max_to_keep?) before its turn; skipped.",
+                    step, workdir)
+    return None
+  try:
+    restored = (*run_lib.load_run(workdir, step, mesh=mesh), run_lib.image_shape(workdir, step))
+    failure = None
+  except Exception as e:  # pylint: disable=broad-except
+    restored, failure = None, e  # Possibly a deletion mid-restore; process 0 decides below.
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(failure is not None)))
+  if not failed.any():
+    return restored
+  if step not in _on_process_0(_steps_on_disk, manager):
+    logging.warning("Checkpoint %d of %s was deleted (training's max_to_keep?) while it was restored; "
+                    "skipped.", step, workdir)
+    return None
+  if failure is not None:
+    raise failure
+  raise RuntimeError(f"Restoring checkpoint {step} of {workdir} failed on process(es) "
+                     f"{np.flatnonzero(failed).tolist()}; see their logs.")
+
+
+def sampler_inputs(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> tuple[Any, ...]:
+  """What the eval sampler of a checkpoint is built from: equal inputs give the same compiled sampler."""
+  options = dataclasses.replace(generate.SampleOptions.from_config(config), batch_size=config.eval.batch_size)
+  model = json.dumps({"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict()},
+                     sort_keys=True, default=str)
+  return options, model, tuple(image_shape)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -201,15 +301,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
   if ev.num_samples < fid.STANDARD_NUM_SAMPLES:
     logging.warning("config.eval.num_samples=%d: FID on fewer than %d samples is biased upwards and not "
                     "comparable to the figures of papers.", ev.num_samples, fid.STANDARD_NUM_SAMPLES)
-  manager = checkpoints.create_manager(workdir, read_only=True)
-  all_steps = sorted(manager.all_steps())
-  if not all_steps:
-    raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}: train first "
-                            "(--mode=train) or pass the workdir of a trained run.")
-  if ev.step is not None and ev.step not in all_steps:
-    raise ValueError(f"config.eval.step={ev.step} is not a checkpoint of {workdir}; there are {all_steps}.")
-  steps = all_steps if ev.step is None else [ev.step]
-
+  manager = checkpoints.create_manager(workdir, read_only=True)  # On every process: Orbax syncs them.
+  # Steps and skips are decided on process 0 alone: processes reading the workdir each on their own
+  # could see different checkpoints or records while training saves beside eval.
+  steps = _on_process_0(_steps_to_evaluate, manager, workdir, ev.step)
   reference_path = fid.reference_stats_path(config, workdir)
   if not os.path.exists(reference_path):
     raise FileNotFoundError(
@@ -222,24 +317,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
                                          batch_size=ev.batch_size)
   eval_dir = os.path.join(workdir, "eval")
   metrics_path = os.path.join(eval_dir, "metrics.jsonl")
-  done = read_metrics(metrics_path)
+  done = read_metrics(metrics_path) if jax.process_index() == 0 else []  # Only process 0's counts.
   writer = writers.MetricWriter(eval_dir)
   records = []
+  sampler, built_from = None, None
   try:
     for step in steps:
-      trained, state, model, schedule = run_lib.load_run(workdir, step, mesh=mesh)
+      restored = _restore(manager, workdir, step, mesh)
+      if restored is None:
+        continue
+      trained, state, model, schedule, image_shape = restored
       trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
       trained.eval = ml_collections.ConfigDict(ev.to_dict())
       trained.data = ml_collections.ConfigDict(config.data.to_dict())
       setting = settings(trained, step, schedule, reference_path)
-      if evaluated(done, setting):
+      if _on_process_0(evaluated, done, setting):
         logging.info("Checkpoint %d is already evaluated with these settings in %s; skipped.", step,
                      metrics_path)
         continue
-      options = dataclasses.replace(generate.SampleOptions.from_config(trained), batch_size=ev.batch_size)
-      sampler = generate.Sampler(model=model, schedule=schedule, options=options, mesh=mesh,
-                                 image_shape=run_lib.image_shape(workdir, step),
-                                 num_classes=trained.model.num_classes)
+      inputs = sampler_inputs(trained, image_shape)
+      if inputs != built_from:  # One compiled sampler for checkpoints of the same model and settings.
+        built_from = inputs
+        sampler = generate.Sampler(model=model, schedule=schedule, options=built_from[0], mesh=mesh,
+                                   image_shape=image_shape, num_classes=trained.model.num_classes)
       start = time.perf_counter()
       metrics, first = sample_fid_is(sampler, state.ema_params, extractor, num=ev.num_samples,
                                      seed=trained.sample.seed, reference=reference)
@@ -263,4 +363,5 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
       records.append(record)
   finally:
     writer.close()
+    manager.close()
   return records

@@ -22,6 +22,7 @@ from evaluation import run as run_lib
 from training import train as train_lib
 
 STANDARD_NUM_SAMPLES = 50_000  # The N papers report FID on.
+IS_SPLITS = 10  # Salimans et al. 2016 (openai/improved-gan) average the Inception Score over 10 splits.
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
@@ -87,7 +88,10 @@ class InceptionScore:
   The parts are openai/improved-gan's, [i N / splits, (i + 1) N / splits); batches arrive in order.
   """
 
-  def __init__(self, num: int, splits: int = 10):
+  def __init__(self, num: int, splits: int = IS_SPLITS):
+    if num < splits:
+      raise ValueError(f"The Inception Score over {splits} splits needs at least {splits} images, got {num} "
+                       "(an empty split has no score).")
     self.num, self.splits = num, splits
     self._bounds = [i * num // splits for i in range(splits + 1)]
     self._seen = 0

@@ -44,15 +44,21 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
   """(config, state, model, schedule) of the checkpoint at step (default: the latest) of workdir.
 
   The config is the one saved with the checkpoint; state.ema_params are the sampling parameters,
-  replicated over mesh (default: every device). step_key names step in errors (a config key).
+  replicated over mesh (default: every device). step_key names step in errors (a config key). The
+  latest is the newest checkpoint that restores (checkpoints.restore); an explicit step must restore.
   """
   manager = checkpoints.create_manager(workdir, read_only=True)
-  step = _step_or_latest(manager, workdir, step, step_key)
+  try:
+    if step is not None or manager.latest_step() is None:
+      step = _step_or_latest(manager, workdir, step, step_key)
+    mesh = mesh or train_lib.create_mesh()
+    # Without a step: the newest checkpoint that restores (an unreadable one is moved aside).
+    state, step = checkpoints.restore(
+        manager, lambda saved, shape: train_lib.abstract_state(saved, image_shape=shape, mesh=mesh),
+        step=step)
+  finally:
+    manager.close()
   config = checkpoints.restore_config(workdir, step)
-  mesh = mesh or train_lib.create_mesh()
-  target = train_lib.abstract_state(config, image_shape=checkpoints.restore_image_shape(manager, step),
-                                    mesh=mesh)
-  state, _ = checkpoints.restore(manager, target, step=step)
   return config, state, models.create_model(config.model), train_lib.create_schedule(config.diffusion)
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from evaluation import fid
 from evaluation import inception
 from evaluation import run as run_lib
 from input_pipeline import sources
+from training import generate
 from training import train as train_lib
 
 
@@ -93,6 +95,18 @@ def test_inception_score_matches_the_improved_gan_formula():
   np.testing.assert_allclose(score.result(), (np.mean(splits), np.std(splits)), rtol=1e-10)
 
 
+def test_inception_score_refuses_fewer_images_than_splits():
+  with pytest.raises(ValueError, match="needs at least 10 images, got 9"):
+    fid.InceptionScore(9)  # Else an empty split and a NaN score.
+  config = tiny.get_config()
+  config.eval.batch_size = 8
+  config.eval.num_samples = 9
+  with pytest.raises(ValueError, match=r"config\.eval\.num_samples=9 must be an integer >= 10"):
+    evaluate_lib.validate_eval(config.eval, device_count=8)
+  config.eval.num_samples = 10
+  evaluate_lib.validate_eval(config.eval, device_count=8)
+
+
 def test_state_dict_conversion_inverts_the_torch_layout():
   variables = inception.random_variables(seed=1)
   torch_names = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -135,6 +149,23 @@ class FewDigits(sources.DigitsSource):
 def open_few_digits(*, split, data_dir, image_size):
   info = sources.open_digits(split=split, data_dir=data_dir, image_size=image_size)
   return dataclasses.replace(info, source=FewDigits(image_size))
+
+
+class PixelFeatures:
+  """Stands in for inception.FeatureExtractor where Inception is not under test.
+
+  The pixels are the features (so 8 x 8 images need reference statistics of dimension 64) and, repeated,
+  the logits.
+  """
+
+  def __init__(self, variables, *, mesh, batch_size):
+    del variables, mesh
+    self.batch_size = batch_size
+
+  def __call__(self, images):
+    pixels = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    logits = np.tile(pixels, (1, inception.NUM_LOGITS // pixels.shape[1] + 1))[:, :inception.NUM_LOGITS]
+    return {"pool3": pixels, "logits_unbiased": logits}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +225,8 @@ def test_eval_writes_metrics_and_skips_what_is_done(run, caplog):
   written = evaluate_lib.read_metrics(metrics_path)
   assert [r["step"] for r in written] == [2, 4]
   r = written[1]
-  assert r["num_samples"] == 16 and r["sampler"] == "ddim" and r["steps"] == 4 and r["grid"] == "trailing"
+  assert r["num_samples"] == 16 and r["batch_size"] == 8 and r["sampler"] == "ddim" and r["steps"] == 4
+  assert r["grid"] == "trailing"
   assert r["eta"] == 0.0 and r["guidance_scale"] == 1.0 and r["seed"] == 0
   assert np.isfinite(r["fid"]) and r["fid"] > 0
   assert 1.0 <= r["inception_score"] <= inception.NUM_LOGITS
@@ -206,7 +238,8 @@ def test_eval_writes_metrics_and_skips_what_is_done(run, caplog):
   # Figures are reused only for the same settings (a run that also computed NLL covers one without).
   assert evaluate_lib.evaluated(written, evaluate_lib.settings(config, 4, schedule, path))
   assert evaluate_lib.evaluated(written, evaluate_lib.settings(_with(config, nll=False), 4, schedule, path))
-  for other in (_with(config, sampler="dpmpp_2m"), _with(config, num_samples=32), _with(config, nll_num=4)):
+  for other in (_with(config, sampler="dpmpp_2m"), _with(config, num_samples=32), _with(config, nll_num=4),
+                _with(config, batch_size=16)):  # The chunks' seeds, and so the images, depend on it.
     assert not evaluate_lib.evaluated(written, evaluate_lib.settings(other, 4, schedule, path))
 
 
@@ -215,6 +248,64 @@ def test_eval_without_reference_stats_says_how_to_make_them(run, tmp_path):
   config = _with(config, fid_stats_path=str(tmp_path / "missing.npz"))
   with pytest.raises(FileNotFoundError, match="--mode=fid_stats"):
     evaluate_lib.evaluate(config, workdir)
+
+
+def test_eval_beside_training_skips_deleted_checkpoints(run, tmp_path, monkeypatch, caplog):
+  """Training's max_to_keep deletes checkpoints while eval runs: those are skipped, the others evaluated."""
+  workdir, config = run
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+  checkpoint_dir = os.path.join(copy, "checkpoints")
+  for step in (6, 8):
+    shutil.copytree(os.path.join(checkpoint_dir, "4"), os.path.join(checkpoint_dir, str(step)))
+  stats_path = str(tmp_path / "stats.npz")
+  fid.save_stats(stats_path, np.zeros(64), np.eye(64))
+  config = _with(config, nll=False, num_samples=10, fid_stats_path=stats_path)
+  monkeypatch.setattr(inception, "load_variables", lambda path: None)
+  monkeypatch.setattr(inception, "FeatureExtractor", PixelFeatures)
+
+  load_run = run_lib.load_run
+  def load_run_beside_training(workdir, step=None, **kwargs):
+    if step == 2:  # Deleted while it is restored.
+      shutil.rmtree(os.path.join(checkpoint_dir, "2"))
+    restored = load_run(workdir, step, **kwargs)
+    if step == 4:  # Deleted while 4 is evaluated, after the steps were listed.
+      shutil.rmtree(os.path.join(checkpoint_dir, "6"))
+    return restored
+
+  built = []
+  class CountedSampler(generate.Sampler):
+    def __init__(self, **kwargs):
+      built.append(kwargs["image_shape"])
+      super().__init__(**kwargs)
+
+  monkeypatch.setattr(run_lib, "load_run", load_run_beside_training)
+  monkeypatch.setattr(generate, "Sampler", CountedSampler)
+  caplog.set_level(logging.WARNING)
+  records = evaluate_lib.evaluate(config, copy)
+  assert [r["step"] for r in records] == [4, 8]
+  assert [r["step"] for r in evaluate_lib.read_metrics(os.path.join(copy, "eval", "metrics.jsonl"))] == [4, 8]
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any("Checkpoint 2 " in w and "while it was restored" in w for w in warnings), warnings
+  assert any("Checkpoint 6 " in w and "before its turn" in w for w in warnings), warnings
+  assert built == [(8, 8, 1)]  # One sampler for both checkpoints: they share model and settings.
+  assert records[0]["fid"] == records[1]["fid"]  # 8 is a copy of 4: the same images from the same seeds.
+
+
+def test_eval_sampler_inputs_change_only_with_the_model_or_settings():
+  config = tiny.get_config()
+  config.eval.batch_size = 16
+  inputs = evaluate_lib.sampler_inputs(config, (8, 8, 1))
+  assert inputs[0].batch_size == 16 and inputs[0].steps == 4
+  same = config.copy_and_resolve_references()
+  same.training.num_steps = 100  # Not part of what samples.
+  assert evaluate_lib.sampler_inputs(same, (8, 8, 1)) == inputs
+  for key, value in (("model.ch", 16), ("diffusion.prediction", "v"), ("sample.steps", 8)):
+    other = config.copy_and_resolve_references()
+    section, name = key.split(".")
+    other[section][name] = value
+    assert evaluate_lib.sampler_inputs(other, (8, 8, 1)) != inputs, key
+  assert evaluate_lib.sampler_inputs(config, (16, 16, 1)) != inputs
 
 
 def test_load_run_restores_the_latest_checkpoint(run):

@@ -1,6 +1,7 @@
 """The training loop end to end on the tiny config: steps, sharding, resume, preemption, bad input."""
 
 import glob
+import importlib
 import os
 import signal
 import subprocess
@@ -185,9 +186,11 @@ BAD_VALUES = [
     ("training.num_steps", -10, r"config\.training\.num_steps=-10"),
     ("training.log_every", 0, r"config\.training\.log_every"),
     ("training.checkpoint_every", 0, r"config\.training\.checkpoint_every"),
+    ("training.keep_every", 3, r"config\.training\.keep_every=3 is not a multiple of "
+     r"config\.training\.checkpoint_every=2"),
     ("sample.sampler", "dpm++", r"config\.sample\.sampler='dpm\+\+' is not one of"),
     ("sample.steps", 0, r"config\.sample\.steps"),
-    ("sample.batch_size", 6, r"config\.sample\.batch_size=6"),
+    ("sample.batch_size", 0, r"config\.sample\.batch_size=0"),
     ("cpu.devices", -1, r"config\.cpu\.devices=-1"),
 ]
 
@@ -197,10 +200,41 @@ def test_bad_config_value_is_named_before_anything_runs(tmp_path, monkeypatch, k
   compiled = []
   monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(1))
   config = tiny_config(**{key: value})
+  if key.startswith("sample."):
+    config.training.sample_every = 2  # Sample settings are checked when training samples.
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=match):
     train_lib.train(config, str(workdir))
   assert not compiled and not workdir.exists()  # Nothing compiled, nothing written.
+
+
+SHIPPED_CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                         if not p.endswith("__init__.py"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_shipped_configs_run_on_1_2_4_and_8_devices(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  for devices in (1, 2, 4, 8):
+    config_check.validate_config(config, device_count=devices, process_count=1)
+    config_check.validate_sample(config.sample, device_count=devices)  # --mode=sample's check.
+
+
+def test_settings_of_a_disabled_feature_do_not_block_training():
+  config = tiny_config(**{"training.sample_every": 0, "sample.sampler": "not_a_sampler"})
+  config_check.validate_config(config, device_count=8, process_count=1)
+  config.training.sample_every = 2
+  with pytest.raises(ValueError, match=r"config\.sample\.sampler='not_a_sampler'"):
+    config_check.validate_config(config, device_count=8, process_count=1)
+
+
+def test_mesh_is_jax_make_mesh_over_every_device(monkeypatch):
+  calls = []
+  real = jax.make_mesh
+  monkeypatch.setattr(jax, "make_mesh", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+  mesh = train_lib.create_mesh()
+  assert calls and mesh.shape == {"data": 8} and list(mesh.devices.flat) == jax.devices()
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,)  # jax.make_mesh's default is Explicit.
 
 
 def test_locked_config_rejects_a_misspelt_key():

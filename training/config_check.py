@@ -70,6 +70,11 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
     _require(0 < diffusion.beta_start < diffusion.beta_end < 1,
              f"config.diffusion.beta_start={diffusion.beta_start} and beta_end={diffusion.beta_end} must "
              "satisfy 0 < beta_start < beta_end < 1.")
+  model_time = diffusion.get("model_time", "index")  # Configs saved before the key mean "index".
+  _choice("diffusion.model_time", model_time, schedules.MODEL_TIMES)
+  _require(model_time != "index_from_zero" or diffusion.num_timesteps > 0,
+           "config.diffusion.model_time='index_from_zero' numbers discrete steps; it needs "
+           f"config.diffusion.num_timesteps > 0, got {diffusion.num_timesteps}.")
 
 
 def validate_optim(optim: ml_collections.ConfigDict) -> None:
@@ -94,15 +99,18 @@ def validate_training(training: ml_collections.ConfigDict, *, device_count: int)
     _require(training[key] > 0, f"config.training.{key}={training[key]} must be positive.")
   for key in ("sample_every", "keep_every"):
     _require(training[key] >= 0, f"config.training.{key}={training[key]} must be >= 0 (0 disables).")
+  _require(training.keep_every % training.checkpoint_every == 0,
+           f"config.training.keep_every={training.keep_every} is not a multiple of "
+           f"config.training.checkpoint_every={training.checkpoint_every}: only checkpoints at multiples "
+           "of both would be kept.")
 
 
-def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int) -> None:
+def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
+  del device_count  # Any batch size runs on any devices: generate.Sampler pads each batch.
   _choice("sample.sampler", sample.sampler, tuple(samplers.SAMPLERS))
   _require(sample.steps > 0, f"config.sample.steps={sample.steps} must be positive.")
   _require(sample.num > 0, f"config.sample.num={sample.num} must be positive.")
-  _require(sample.batch_size > 0 and sample.batch_size % device_count == 0,
-           f"config.sample.batch_size={sample.batch_size} must be a positive multiple of the "
-           f"{device_count} devices.")
+  _require(sample.batch_size > 0, f"config.sample.batch_size={sample.batch_size} must be positive.")
   _require(sample.eta >= 0, f"config.sample.eta={sample.eta} must be >= 0.")
   if sample.grid is not None:
     _choice("sample.grid", sample.grid, tuple(grids.GRIDS))
@@ -124,7 +132,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
   validate_optim(config.optim)
   validate_training(config.training, device_count=device_count)
-  validate_sample(config.sample, device_count=device_count)
+  if config.training.sample_every:  # Settings of a disabled feature do not block a run.
+    validate_sample(config.sample, device_count=device_count)
   xla_cpu.validate(config.cpu)
 
 

@@ -68,6 +68,10 @@ class Sampler:
     self.options = options
     self.image_shape = tuple(image_shape)
     self.num_classes = num_classes
+    # Each compiled batch is padded to a multiple of the devices; the extra rows are dropped. The
+    # rows kept are the same whatever the padding: with jax's partitionable threefry a draw of shape
+    # [n + k, ...] begins with the draw of shape [n, ...].
+    self._padded_batch = -(-options.batch_size // mesh.size) * mesh.size
     self._batch_sharding = NamedSharding(mesh, P("data"))
     self._replicated = NamedSharding(mesh, P())
 
@@ -109,12 +113,12 @@ class Sampler:
     batch = self.options.batch_size
     images = []
     for i, start in enumerate(range(0, num, batch)):
-      chunk = np.zeros((batch,), np.int32)
+      chunk = np.zeros((self._padded_batch,), np.int32)
       chunk[:min(batch, num - start)] = labels[start:start + batch]
       chunk = jax.device_put(chunk, self._replicated)
       rng = jax.random.fold_in(jax.random.key(seed), i)
       x0 = self._sample_batch(params, chunk, rng)
       x0 = multihost_utils.process_allgather(x0, tiled=True) if jax.process_count() > 1 else x0
-      images.append(np.asarray(jax.device_get(x0)))
+      images.append(np.asarray(jax.device_get(x0))[:batch])
     images = np.concatenate(images)[:num]
     return writers.to_uint8(images), labels

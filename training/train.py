@@ -25,15 +25,21 @@ from training import writers
 
 
 def create_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device of every process; the batch is split along its 'data' axis."""
-  return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  """A 1-D mesh over every device of every process; the batch is split along its 'data' axis.
+
+  jax.make_mesh orders the devices for the interconnect (each process's devices together); the axis
+  is Auto (sharding follows in_shardings/out_shardings), as jax.make_mesh's default differs by version.
+  """
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Schedule:
+  """The schedule of config.diffusion; configs saved before model_time existed mean "index"."""
   return schedules.create_schedule(
       schedule=diffusion_config.schedule, num_timesteps=diffusion_config.num_timesteps,
       beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end,
-      zero_terminal_snr=diffusion_config.zero_terminal_snr)
+      zero_terminal_snr=diffusion_config.zero_terminal_snr,
+      model_time=diffusion_config.get("model_time", "index"))
 
 
 def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...],
@@ -54,6 +60,7 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._calls = 0
 
   def __enter__(self):
     if jax.process_count() == 1:  # Several processes agree through jax's preemption sync point instead.
@@ -70,9 +77,14 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def reached(self, step: int) -> bool:
+    del step  # Kept for the call site's readability; the sync point counts calls, not steps.
+    self._calls += 1
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
+      # jax's sync point is a call number that starts at 1 in each process (a SIGTERM before the first
+      # call sets it to 1), so count calls: a resumed run's first step is not 1. All processes resume
+      # from the same checkpoint, so their call counts agree.
+      return multihost_utils.reached_preemption_sync_point(self._calls)
     return self.requested
 
 
@@ -89,6 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   """Trains (or resumes training) the model of config in workdir; returns the final state."""
   config_check.validate_config(config, device_count=jax.device_count(),
                                process_count=jax.process_count())
+  checkpoints.check_workdir(workdir)
   mesh = create_mesh()
   data = input_pipeline.create_dataset(config.data, global_batch_size=config.training.batch_size,
                                        seed=config.seed, mesh=mesh)
@@ -97,14 +110,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   model = models.create_model(config.model)
   schedule = create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
-  replicated = NamedSharding(mesh, P())
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
 
-  _write_config(workdir, config)
   manager = checkpoints.create_manager(workdir, max_to_keep=config.training.max_to_keep,
                                        keep_every=config.training.keep_every)
+  try:
+    return _train(config, workdir, manager=manager, data=data, mesh=mesh, image_shape=image_shape,
+                  model=model, schedule=schedule, tx=tx, lr_fn=lr_fn, init_rng=init_rng,
+                  train_rng=train_rng)
+  finally:
+    manager.close()  # Waits for the saves in flight; its background threads end here, error or not.
+    data.close()
+
+
+def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule, tx, lr_fn, init_rng,
+           train_rng):
+  """train()'s restore and loop, with the checkpoint manager and data iterator it closes afterwards."""
+  replicated = NamedSharding(mesh, P())
   target = abstract_state(config, image_shape=image_shape, mesh=mesh)
-  restored = checkpoints.restore(manager, target, data_iterator=data)
+  # Nothing is written into the workdir before the checkpoint's config has been checked.
+  restored = checkpoints.restore(manager, target, data_iterator=data, config=config,
+                                 image_shape=image_shape)
+  _write_config(workdir, config)
   if restored is None:
     init = jax.jit(functools.partial(train_step_lib.init_state, model=model, tx=tx,
                                      image_shape=image_shape, num_classes=config.model.num_classes),
@@ -189,7 +216,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
       if pending is not None:
         check(pending)
     finally:
-      manager.wait_until_finished()
       progress.close()
       writer.close()
   return state
