@@ -102,6 +102,19 @@ def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
       config[key] = tuple(value) if isinstance(config[key], tuple) else value
 
 
+_UNET_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_heads", "dropout", "scale_shift",
+              "resamp_with_conv")
+
+
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config in today's layout: runs saved before config.model.<name> sections had the UNet's
+  knobs directly in config.model."""
+  model = saved.get("model", {})
+  if "ch" in model and "unet" not in model:
+    model["unet"] = {k: model.pop(k) for k in _UNET_KEYS if k in model}
+  return saved
+
+
 def restore_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config a run in workdir was trained with (saved beside each checkpoint).
 
@@ -117,7 +130,7 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
   else:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   config = default_config.get_config()
-  _merge(config, saved)
+  _merge(config, upgrade_saved_config(saved))
   return config
 
 
