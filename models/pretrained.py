@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from models import autoencoder
+from models import clip
 
 
 def save(directory: str, *, kind: str, kwargs: dict[str, Any], params: Any, **extra: Any) -> None:
@@ -50,3 +51,9 @@ def load_autoencoder(directory: str) -> tuple[autoencoder.AutoencoderKL, Any, di
   """(module, params, description) of a converted KL autoencoder (scripts/convert_diffusers_vae.py)."""
   description, params = load(directory, kind="autoencoder_kl")
   return autoencoder.AutoencoderKL(**description["kwargs"]), params, description
+
+
+def load_text_encoder(directory: str) -> tuple[clip.CLIPTextTransformer, Any, dict[str, Any]]:
+  """(module, params, description) of a converted CLIP text encoder (scripts/convert_clip.py)."""
+  description, params = load(directory, kind="clip_text")
+  return clip.CLIPTextTransformer(**description["kwargs"]), params, description
