@@ -161,11 +161,11 @@ def xla_memory_bytes(compiled) -> int | None:
 
 def peer_spec(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any]:
   """The model description bench/peer_torch.py builds its UNet2DModel from."""
-  m = config.model
+  m = config.model.unet
   return {"ch": m.ch, "ch_mult": list(m.ch_mult), "num_res_blocks": m.num_res_blocks,
           "attn_resolutions": list(m.attn_resolutions), "num_heads": m.num_heads,
           "dropout": m.dropout, "image_size": config.data.image_size, "channels": channels,
-          "num_classes": m.num_classes, "scale_shift": m.scale_shift}
+          "num_classes": config.model.num_classes, "scale_shift": m.scale_shift}
 
 
 class OursTrain:
@@ -373,7 +373,7 @@ def prepare(args, *, bench: str, cpu_setting: str, batch_sizes: list[int], cpu_d
   (before JAX starts), the peer's Python, then the results dict with the device; prints the device."""
   base = load_config(args.config)
   if args.quick:  # One resolution level: the bench's code paths in a fraction of tiny's compile time.
-    base.model.ch_mult, base.model.attn_resolutions = (1,), (base.data.image_size,)
+    base.model.unet.ch_mult, base.model.unet.attn_resolutions = (1,), (base.data.image_size,)
   if cpu_devices is not None:
     base.cpu.devices = cpu_devices
   cpu = apply_cpu_setting(cpu_setting, base, batch_sizes)
@@ -409,7 +409,7 @@ def ours_facts(ours: "OursTrain", config: ml_collections.ConfigDict) -> dict[str
               peak_memory_kind=ours.peak_memory[1] + " (running peak of this process)",
               params=ours.num_params, dtype=config.model.dtype,
               peak_tflops=(peak := peak_tflops(config.model.dtype)) and peak * jax.device_count(),
-              model=dict(config.model),
+              model=config.model.to_dict(),
               devices=jax.device_count())
 
 

@@ -18,19 +18,28 @@ def get_config() -> ml_collections.ConfigDict:
   data.prefetch = 2  # Batches prefetched to the devices ahead of the train step.
 
   config.model = model = ml_collections.ConfigDict()
-  model.name = "unet"  # Model name, looked up in models.MODELS.
-  model.ch = 128  # Base channel count.
-  model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
-  model.num_res_blocks = 2  # Residual blocks per resolution level.
-  model.attn_resolutions = (16,)  # Resolutions (in pixels) with self-attention.
-  model.num_heads = 1  # Attention heads (DDPM uses one).
-  model.dropout = 0.1  # Dropout in residual blocks.
-  model.scale_shift = False  # ADM scale-shift (FiLM) conditioning; DDPM adds the embedding instead.
-  model.resamp_with_conv = True  # Convolutions in down/up sampling (DDPM).
+  model.name = "unet"  # Backbone in models.MODELS: "unet" (DDPM/ADM) or "dit" (Peebles & Xie 2023); its knobs are in config.model.<name>.
   model.num_classes = 0  # Class-conditional if > 0; label num_classes is the "null" class.
   model.dtype = "float32"  # Compute dtype, "float32" or "bfloat16" (params, optimizer state, EMA and loss stay float32).
   model.attention = "xla"  # jax.nn.dot_product_attention implementation: None (jax picks), "xla" or "cudnn" (GPU, bfloat16).
-  model.remat = False  # Rematerialise each residual block in the backward pass (less memory, ~1/3 more compute).
+  model.remat = False  # Rematerialise each residual or transformer block in the backward pass (less memory, ~1/3 more compute).
+
+  model.unet = unet = ml_collections.ConfigDict()  # models/unet.py; the defaults are Ho et al. 2020's CIFAR-10 UNet.
+  unet.ch = 128  # Base channel count.
+  unet.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
+  unet.num_res_blocks = 2  # Residual blocks per resolution level.
+  unet.attn_resolutions = (16,)  # Resolutions (in pixels) with self-attention.
+  unet.num_heads = 1  # Attention heads (DDPM uses one).
+  unet.dropout = 0.1  # Dropout in residual blocks.
+  unet.scale_shift = False  # ADM scale-shift (FiLM) conditioning; DDPM adds the embedding instead.
+  unet.resamp_with_conv = True  # Convolutions in down/up sampling (DDPM).
+
+  model.dit = dit = ml_collections.ConfigDict()  # models/dit.py; the defaults are DiT-S/2 (sizes: models.dit.SIZES).
+  dit.patch_size = 2  # Side of the square patches that become tokens (2, 4 or 8 in the paper).
+  dit.hidden_size = 384  # Token width (S 384, B 768, L 1024, XL 1152).
+  dit.depth = 12  # Transformer blocks (S 12, B 12, L 24, XL 28).
+  dit.num_heads = 6  # Attention heads (S 6, B 12, L 16, XL 16).
+  dit.mlp_ratio = 4.0  # MLP width / hidden size.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).

@@ -9,12 +9,12 @@ def get_config():
   config.data.image_size = 16
   config.data.random_flip = False  # Flipped digits are not digits.
 
-  config.model.ch = 32
-  config.model.ch_mult = (1, 2)
-  config.model.num_res_blocks = 1
-  config.model.attn_resolutions = (8,)
-  config.model.dropout = 0.0
-  config.model.scale_shift = True
+  config.model.unet.ch = 32
+  config.model.unet.ch_mult = (1, 2)
+  config.model.unet.num_res_blocks = 1
+  config.model.unet.attn_resolutions = (8,)
+  config.model.unet.dropout = 0.0
+  config.model.unet.scale_shift = True
   config.model.num_classes = 10  # Class-conditional: each column of a sample grid is one digit.
 
   config.diffusion.schedule = "cosine"

@@ -8,11 +8,11 @@ def get_config():
   config.data.name = "digits"
   config.data.image_size = 8
   config.data.random_flip = True
-  config.model.ch = 8
-  config.model.ch_mult = (1, 2)
-  config.model.num_res_blocks = 1
-  config.model.attn_resolutions = (4,)
-  config.model.dropout = 0.1
+  config.model.unet.ch = 8
+  config.model.unet.ch_mult = (1, 2)
+  config.model.unet.num_res_blocks = 1
+  config.model.unet.attn_resolutions = (4,)
+  config.model.unet.dropout = 0.1
   config.optim.warmup_steps = 2
   config.optim.ema_decay = 0.9
   config.training.batch_size = 16

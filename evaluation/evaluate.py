@@ -79,8 +79,9 @@ def settings(config: ml_collections.ConfigDict, step: int, schedule, reference: 
          "guidance_rescale": options.guidance_rescale, "dynamic_threshold": options.dynamic_threshold,
          "clip_x0": options.clip_x0, "seed": config.sample.seed, "reference_stats": os.path.abspath(reference)}
   if config.eval.nll:
+    # The ODE's start time: records made when it started below the trained times are not reused.
     out.update(nll_num=config.eval.nll_num, nll_hutchinson=config.eval.nll_hutchinson,
-               nll_data=f"{config.data.name}:{config.data.split}")
+               nll_data=f"{config.data.name}:{config.data.split}", nll_ode_t_start=schedule.t_min)
   return out
 
 

@@ -102,7 +102,7 @@ class AttnBlock(nn.Module):
     b, height, width, c = x.shape
     if c % self.num_heads:
       raise ValueError(
-          f"config.model.num_heads={self.num_heads} does not divide the {c} channels of an "
+          f"config.model.unet.num_heads={self.num_heads} does not divide the {c} channels of an "
           "attention block; pick num_heads dividing ch * ch_mult[i] at every attention level.")
     head_dim = c // self.num_heads
     h = group_norm(c, self.dtype, name="norm")(x)

@@ -35,8 +35,8 @@ class UNet(nn.Module):
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(
           f"Image size {x.shape[1]}x{x.shape[2]} (config.data.image_size) is not divisible by "
-          f"2**(len(config.model.ch_mult) - 1) = {factor} for "
-          f"config.model.ch_mult={tuple(self.ch_mult)}.")
+          f"2**(len(config.model.unet.ch_mult) - 1) = {factor} for "
+          f"config.model.unet.ch_mult={tuple(self.ch_mult)}.")
     if t.shape not in ((), (x.shape[0],)):
       raise ValueError(f"t must be a scalar or have shape [B]=({x.shape[0]},), got {t.shape}.")
     if y is not None and self.num_classes == 0:

@@ -300,10 +300,9 @@ def test_eval_sampler_inputs_change_only_with_the_model_or_settings():
   same = config.copy_and_resolve_references()
   same.training.num_steps = 100  # Not part of what samples.
   assert evaluate_lib.sampler_inputs(same, (8, 8, 1)) == inputs
-  for key, value in (("model.ch", 16), ("diffusion.prediction", "v"), ("sample.steps", 8)):
+  for key, value in (("model.unet.ch", 16), ("diffusion.prediction", "v"), ("sample.steps", 8)):
     other = config.copy_and_resolve_references()
-    section, name = key.split(".")
-    other[section][name] = value
+    other.update_from_flattened_dict({key: value})
     assert evaluate_lib.sampler_inputs(other, (8, 8, 1)) != inputs, key
   assert evaluate_lib.sampler_inputs(config, (16, 16, 1)) != inputs
 

@@ -19,9 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   config = tiny.get_config()
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
+  config.update_from_flattened_dict(overrides)  # Keys like "model.unet.ch".
   return config
 
 
@@ -71,13 +69,13 @@ def cut(path):
 def test_changed_model_keys_are_listed_and_nothing_is_written(run4, tmp_path):
   workdir = copy_of(run4, tmp_path)
   before = snapshot(workdir)
-  config = tiny_config(**{"training.num_steps": 6, "model.ch": 16, "model.num_res_blocks": 2,
+  config = tiny_config(**{"training.num_steps": 6, "model.unet.ch": 16, "model.unet.num_res_blocks": 2,
                           "optim.grad_clip": 0.0})
   with pytest.raises(checkpoints.CheckpointError) as error:
     train_lib.train(config, workdir)
   message = str(error.value)
   assert "The checkpoint at step 4" in message
-  assert "model.ch: saved 8, now 16" in message and "model.num_res_blocks: saved 1, now 2" in message
+  assert "model.unet.ch: saved 8, now 16" in message and "model.unet.num_res_blocks: saved 1, now 2" in message
   assert "optim.grad_clip > 0: saved True, now False" in message
   assert "new --workdir" in message
   assert snapshot(workdir) == before  # Not even config.json.
@@ -156,7 +154,7 @@ def test_main_on_a_mismatched_workdir_prints_one_short_message(run4, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-       "--config.training.num_steps=6", "--config.model.ch=16"],
+       "--config.training.num_steps=6", "--config.model.unet.ch=16"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
@@ -164,7 +162,7 @@ def test_main_on_a_mismatched_workdir_prints_one_short_message(run4, tmp_path):
   assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
   assert lines[-3] == (f"Error: The checkpoint at step 4 in {workdir}/checkpoints was trained with a "
                        "different config; these keys define its state and must match:")
-  assert lines[-2] == "  model.ch: saved 8, now 16"
+  assert lines[-2] == "  model.unet.ch: saved 8, now 16"
 
 
 @pytest.mark.parametrize("make", ["file", "under_a_file", "not_writable"])

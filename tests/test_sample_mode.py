@@ -61,10 +61,8 @@ def test_sample_without_checkpoint_says_so(tmp_path):
     sample_lib.sample(sample_config(), str(tmp_path))
 
 
-def test_same_seed_same_images_whatever_the_device_count(trained_workdir):
-  config = checkpoints.restore_config(trained_workdir)
-  config.sample.sampler, config.sample.steps = "euler_a", 3
-  manager = checkpoints.create_manager(trained_workdir, read_only=True)
+def _images_on_1_and_8_devices(workdir, config, *, seed, num):
+  manager = checkpoints.create_manager(workdir, read_only=True)
   images = []
   for devices in (jax.devices(), jax.devices()[:1]):
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
@@ -72,7 +70,14 @@ def test_same_seed_same_images_whatever_the_device_count(trained_workdir):
     sampler = generate.Sampler.from_config(config, model=models.create_model(config.model),
                                            schedule=train_lib.create_schedule(config.diffusion), mesh=mesh,
                                            image_shape=(8, 8, 1))
-    images.append(sampler.sample(state.ema_params, seed=3, num=16)[0])
+    images.append(sampler.sample(state.ema_params, seed=seed, num=num)[0])
+  return images
+
+
+def test_same_seed_same_images_whatever_the_device_count(trained_workdir):
+  config = checkpoints.restore_config(trained_workdir)
+  config.sample.sampler, config.sample.steps = "euler_a", 3
+  images = _images_on_1_and_8_devices(trained_workdir, config, seed=3, num=16)
   np.testing.assert_array_equal(images[0], images[1])
   assert images[0].std() > 0
 
@@ -81,15 +86,7 @@ def test_any_batch_size_on_any_devices_gives_the_same_images(trained_workdir):
   # 100 rows on 8 devices: each batch is padded to 104 and cut back, with the draws of 100 rows.
   config = checkpoints.restore_config(trained_workdir)
   config.sample.sampler, config.sample.steps, config.sample.batch_size = "ddpm", 3, 100
-  manager = checkpoints.create_manager(trained_workdir, read_only=True)
-  images = []
-  for devices in (jax.devices(), jax.devices()[:1]):
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    state, _ = checkpoints.restore(manager, train_lib.abstract_state(config, image_shape=(8, 8, 1), mesh=mesh))
-    sampler = generate.Sampler.from_config(config, model=models.create_model(config.model),
-                                           schedule=train_lib.create_schedule(config.diffusion), mesh=mesh,
-                                           image_shape=(8, 8, 1))
-    images.append(sampler.sample(state.ema_params, seed=5, num=130)[0])
+  images = _images_on_1_and_8_devices(trained_workdir, config, seed=5, num=130)
   assert images[0].shape == (130, 8, 8, 1)
   np.testing.assert_array_equal(images[0], images[1])
   assert images[0].std() > 0 and not np.array_equal(images[0][:30], images[0][100:])

@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -29,9 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   config = tiny.get_config()
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
+  config.update_from_flattened_dict(overrides)  # Keys like "model.unet.ch".
   return config
 
 
@@ -86,7 +85,7 @@ def _step_on_mesh(devices, config, state, batch):
 
 def test_sharded_step_equals_single_device_step():
   assert jax.device_count() == 8
-  config = tiny_config(**{"model.dropout": 0.1})
+  config = tiny_config(**{"model.unet.dropout": 0.1})
   model = models.create_model(config.model)
   tx, _ = train_step_lib.create_optimizer(config.optim)
   state = train_step_lib.init_state(jax.random.key(0), model=model, tx=tx, image_shape=(8, 8, 1),
@@ -163,12 +162,12 @@ BAD_VALUES = [
     ("data.image_size", 0, r"config\.data\.image_size"),
     ("data.image_size", 9, r"config\.data\.image_size=9 is not divisible by 2"),
     ("data.resize", "stretch", r"config\.data\.resize"),
-    ("model.name", "transformer", r"config\.model\.name='transformer' is not one of unet"),
-    ("model.ch_mult", (), r"config\.model\.ch_mult"),
-    ("model.ch_mult", (1, 2, 2, 2, 2), r"config\.data\.image_size=8 is not divisible by 16"),
-    ("model.attn_resolutions", (3,), r"config\.model\.attn_resolutions"),
-    ("model.num_heads", 3, r"config\.model\.num_heads=3"),
-    ("model.dropout", 1.5, r"config\.model\.dropout"),
+    ("model.name", "transformer", r"config\.model\.name='transformer' is not one of unet, dit"),
+    ("model.unet.ch_mult", (), r"config\.model\.unet\.ch_mult"),
+    ("model.unet.ch_mult", (1, 2, 2, 2, 2), r"config\.data\.image_size=8 is not divisible by 16"),
+    ("model.unet.attn_resolutions", (3,), r"config\.model\.unet\.attn_resolutions"),
+    ("model.unet.num_heads", 3, r"config\.model\.unet\.num_heads=3"),
+    ("model.unet.dropout", 1.5, r"config\.model\.unet\.dropout"),
     ("model.num_classes", -1, r"config\.model\.num_classes"),
     ("diffusion.schedule", "sqrt", r"config\.diffusion\.schedule='sqrt' is not one of linear, cosine"),
     ("diffusion.num_timesteps", -5, r"config\.diffusion\.num_timesteps"),
@@ -242,6 +241,17 @@ def test_locked_config_rejects_a_misspelt_key():
   config.lock()
   with pytest.raises(AttributeError):
     config.training.batchsize = 3
+
+
+def test_a_config_saved_before_model_sections_restores_as_a_unet(tmp_path):
+  saved = tiny.get_config().to_dict()
+  unet = saved["model"].pop("unet")
+  del saved["model"]["dit"]
+  saved["model"].update(unet)  # The layout of runs saved when the UNet's knobs sat in config.model.
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = checkpoints.restore_config(str(tmp_path))
+  assert config.model.unet.to_dict() == unet and "ch" not in config.model
+  assert isinstance(models.create_model(config.model), models.UNet)
 
 
 def test_learning_rate_warms_up_linearly():

@@ -169,17 +169,19 @@ def test_bfloat16_compute_keeps_float32_params():
 
 def test_bad_image_size_raises():
   model = UNet(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=())
-  with pytest.raises(ValueError, match=r"config\.data\.image_size.* 4 .*config\.model\.ch_mult"):
+  with pytest.raises(ValueError, match=r"config\.data\.image_size.* 4 .*config\.model\.unet\.ch_mult"):
     _param_shapes(model, _images(3, size=18))
 
 
 def test_create_model_errors():
   config = default.get_config().model
-  config.name = "dit"
-  with pytest.raises(ValueError, match=r"config\.model\.name='dit' is not one of unet"):
+  config.name = "transformer"
+  with pytest.raises(ValueError, match=r"config\.model\.name='transformer' is not one of unet, dit"):
     models.create_model(config)
-  with pytest.raises(ValueError, match=r"config\.model\.width is not a field of UNet"):
-    models.create_model(ml_collections.ConfigDict(dict(name="unet", width=3, **TINY)))
+  with pytest.raises(ValueError, match=r"config\.model\.unet\.width is not a field of UNet"):
+    models.create_model(ml_collections.ConfigDict(dict(name="unet", unet=dict(width=3, **TINY))))
+  with pytest.raises(ValueError, match=r"config\.model\.unet is missing"):
+    models.create_model(ml_collections.ConfigDict(dict(name="unet", **TINY)))
 
 
 def _grads(model, params, x, t):
@@ -241,7 +243,8 @@ def test_attention_block_matches_softmax_attention(attention):
 
 def test_create_model_switches_from_config():
   config = default.get_config().model
-  config.update(dtype="bfloat16", attention="cudnn", remat=True, **TINY)
+  config.update(dtype="bfloat16", attention="cudnn", remat=True)
+  config.unet.update(**TINY)
   model = models.create_model(config)
   assert (model.dtype, model.attention, model.remat) == (jnp.bfloat16, "cudnn", True)
   assert models.create_model(default.get_config().model).dtype == jnp.float32

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+import models
 from configs import default as default_config
 
 # Config sections whose every key gives the saved state its meaning (its shapes, or what the parameters
@@ -144,9 +145,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def state_defining(config: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, Any]:
-  """The values a checkpoint's state depends on (STATE_SECTIONS, DERIVED_STATE_KEYS), by key."""
+  """The values a checkpoint's state depends on (STATE_SECTIONS, DERIVED_STATE_KEYS), by key.
+
+  Of the backbones' own sections (config.model.<name>) only the one of config.model.name counts.
+  """
+  unused = tuple(f"model.{name}." for name in models.MODELS if name != config["model"]["name"])
   values = {key: value for key, value in _flatten(config).items()
-            if key.split(".")[0] in STATE_SECTIONS and key not in RESUMABLE_KEYS}
+            if key.split(".")[0] in STATE_SECTIONS and key not in RESUMABLE_KEYS
+            and not key.startswith(unused)}
   values.update({key: fn(config, image_shape) for key, fn in DERIVED_STATE_KEYS.items()})
   return values
 
@@ -158,9 +164,7 @@ def compare_configs(saved: dict[str, Any], current: dict[str, Any], *, saved_ima
 
   saved is laid over configs/default.py first, so keys added since it was written take their defaults.
   """
-  merged = default_config.get_config()
-  _merge(merged, saved)
-  saved = merged.to_dict()
+  saved = as_current_config(saved).to_dict()
   before, after = state_defining(saved, saved_image_shape), state_defining(current, image_shape)
   mismatched = {key: (before.get(key), after[key]) for key in after if before.get(key) != after[key]}
   flat_before, flat_after = _flatten(saved), _flatten(current)
@@ -265,7 +269,8 @@ def restore(manager: ocp.CheckpointManager, target: Any, *, step: int | None = N
   An explicit step that cannot be read is a CheckpointError.
   """
   directory = os.fspath(manager.directory)
-  if step is not None and step not in manager.all_steps():
+  # Agreed by all processes, so that a step training deletes meanwhile fails everywhere, not on some.
+  if step is not None and not _all_processes(step in manager.all_steps()):
     raise CheckpointError(f"No checkpoint at step {step} in {directory}; there are "
                           f"{sorted(manager.all_steps())}.")
   explicit = step is not None
@@ -310,9 +315,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any, *, dat
       logging.info("Resuming from step %d with changed settings: %s.", step, ", ".join(
           f"{key} {before!r} -> {now!r}" for key, (before, now) in changed.items()))
   if callable(target):
-    merged = default_config.get_config()
-    _merge(merged, saved_config)
-    target = target(merged, saved_shape)
+    target = target(as_current_config(saved_config), saved_shape)
   items = {"state": ocp.args.StandardRestore(target)}
   if data_iterator is not None:
     items["data"] = DataIteratorRestore(data_iterator)
@@ -330,6 +333,25 @@ def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any]) -> None:
       config[key] = tuple(value) if isinstance(config[key], tuple) else value
 
 
+_UNET_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_heads", "dropout", "scale_shift",
+              "resamp_with_conv")
+
+
+def as_current_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A saved config laid over configs/default.py, so keys added since it was written take their defaults.
+
+  Runs saved before the backbones had their own config.model.<name> sections held the UNet's knobs
+  directly in config.model; they are read as config.model.unet.
+  """
+  saved = json.loads(json.dumps(saved))  # A copy: the caller's dict stays as it was read.
+  model = saved.get("model", {})
+  if "ch" in model and "unet" not in model:
+    model["unet"] = {k: model.pop(k) for k in _UNET_KEYS if k in model}
+  config = default_config.get_config()
+  _merge(config, saved)
+  return config
+
+
 def restore_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config a run in workdir was trained with (saved beside each checkpoint).
 
@@ -344,9 +366,7 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
     saved = json.loads(open(path).read())
   else:
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  config = default_config.get_config()
-  _merge(config, saved)
-  return config
+  return as_current_config(saved)
 
 
 def restore_image_shape(manager: ocp.CheckpointManager, step: int) -> tuple[int, ...]:

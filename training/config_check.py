@@ -23,33 +23,56 @@ def _choice(key: str, value, allowed) -> None:
   _require(value in allowed, f"config.{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
 
 
+def _validate_unet(unet: ml_collections.ConfigDict, *, image_size: int) -> None:
+  _require(unet.ch > 0, f"config.model.unet.ch={unet.ch} must be positive.")
+  _require(len(unet.ch_mult) > 0 and all(m > 0 for m in unet.ch_mult),
+           f"config.model.unet.ch_mult={tuple(unet.ch_mult)} must be a non-empty tuple of positive ints.")
+  _require(unet.num_res_blocks > 0,
+           f"config.model.unet.num_res_blocks={unet.num_res_blocks} must be positive.")
+  _require(0.0 <= unet.dropout < 1.0, f"config.model.unet.dropout={unet.dropout} must be in [0, 1).")
+  _require(unet.num_heads > 0, f"config.model.unet.num_heads={unet.num_heads} must be positive.")
+  factor = 2 ** (len(unet.ch_mult) - 1)
+  _require(image_size % factor == 0,
+           f"config.data.image_size={image_size} is not divisible by {factor}, the UNet's downsampling "
+           f"for config.model.unet.ch_mult={tuple(unet.ch_mult)} ({len(unet.ch_mult)} levels).")
+  resolutions = [image_size // 2**i for i in range(len(unet.ch_mult))]
+  for res in unet.attn_resolutions:
+    _require(res in resolutions, f"config.model.unet.attn_resolutions contains {res}, which is none of "
+             f"the UNet's resolutions {resolutions} for image_size={image_size}.")
+  for mult in unet.ch_mult:
+    ch = unet.ch * mult
+    _require(ch % unet.num_heads == 0, f"config.model.unet.num_heads={unet.num_heads} does not divide "
+             f"the {ch} channels of a level with ch_mult {mult}.")
+
+
+def _validate_dit(dit: ml_collections.ConfigDict, *, image_size: int) -> None:
+  for key in ("patch_size", "hidden_size", "depth", "num_heads"):
+    _require(isinstance(dit[key], int) and dit[key] > 0,
+             f"config.model.dit.{key}={dit[key]!r} must be a positive integer.")
+  _require(dit.mlp_ratio > 0, f"config.model.dit.mlp_ratio={dit.mlp_ratio} must be positive.")
+  _require(image_size % dit.patch_size == 0, f"config.data.image_size={image_size} is not divisible by "
+           f"config.model.dit.patch_size={dit.patch_size}.")
+  _require(dit.hidden_size % dit.num_heads == 0, f"config.model.dit.num_heads={dit.num_heads} does not "
+           f"divide config.model.dit.hidden_size={dit.hidden_size}.")
+  _require(dit.hidden_size % 4 == 0, f"config.model.dit.hidden_size={dit.hidden_size} must be divisible "
+           "by 4 (2-D sin-cos position embeddings).")
+
+
+# config.model.name -> the checks of its config.model.<name> section.
+_MODEL_CHECKS = {"unet": _validate_unet, "dit": _validate_dit}
+
+
 def validate_model(model: ml_collections.ConfigDict, *, image_size: int) -> None:
   _choice("model.name", model.name, tuple(models.MODELS))
-  _require(model.ch > 0, f"config.model.ch={model.ch} must be positive.")
-  _require(len(model.ch_mult) > 0 and all(m > 0 for m in model.ch_mult),
-           f"config.model.ch_mult={tuple(model.ch_mult)} must be a non-empty tuple of positive ints.")
-  _require(model.num_res_blocks > 0, f"config.model.num_res_blocks={model.num_res_blocks} must be positive.")
-  _require(0.0 <= model.dropout < 1.0, f"config.model.dropout={model.dropout} must be in [0, 1).")
+  models.model_fields(model)  # The section exists and holds only the model's own fields.
+  _MODEL_CHECKS[model.name](model[model.name], image_size=image_size)
   _require(model.num_classes >= 0, f"config.model.num_classes={model.num_classes} must be >= 0.")
-  _require(model.num_heads > 0, f"config.model.num_heads={model.num_heads} must be positive.")
   _choice("model.dtype", model.dtype, tuple(models.DTYPES))
   _choice("model.attention", model.attention, models.ATTENTION)
   _require(model.attention != "cudnn" or model.dtype == "bfloat16",
            f"config.model.attention='cudnn' needs config.model.dtype='bfloat16' (cuDNN's fused attention "
            f"takes 16-bit inputs), got {model.dtype!r}; use attention 'xla' or None for float32.")
   _require(isinstance(model.remat, bool), f"config.model.remat={model.remat!r} is not one of False, True.")
-  factor = 2 ** (len(model.ch_mult) - 1)
-  _require(image_size % factor == 0,
-           f"config.data.image_size={image_size} is not divisible by {factor}, the UNet's downsampling "
-           f"for config.model.ch_mult={tuple(model.ch_mult)} ({len(model.ch_mult)} levels).")
-  resolutions = [image_size // 2**i for i in range(len(model.ch_mult))]
-  for res in model.attn_resolutions:
-    _require(res in resolutions, f"config.model.attn_resolutions contains {res}, which is none of the "
-             f"UNet's resolutions {resolutions} for image_size={image_size}.")
-  for mult in model.ch_mult:
-    ch = model.ch * mult
-    _require(ch % model.num_heads == 0, f"config.model.num_heads={model.num_heads} does not divide the "
-             f"{ch} channels of a level with ch_mult {mult}.")
 
 
 def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int) -> None:

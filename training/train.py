@@ -76,8 +76,8 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def reached(self, step: int) -> bool:
-    del step  # Kept for the call site's readability; the sync point counts calls, not steps.
+  def reached(self) -> bool:
+    """Whether to save and stop now; called once per step, by every process."""
     self._calls += 1
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -203,7 +203,7 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
             writers.save_png(os.path.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
           writer.write_image(step, "samples", grid)
 
-        preempted = preemption.reached(step)
+        preempted = preemption.reached()
         if step % config.training.checkpoint_every == 0 or step == num_steps or preempted:
           if pending is not None:  # Never save a state whose step has not been checked finite.
             window.append(check(pending))
