@@ -176,6 +176,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
     try:
       while step < num_steps:
         batch = next(data)
+        if step == start_step and jax.process_count() > 1:
+          step_fn = _compile_on_every_process(step_fn, state, batch)
         state, metrics = step_fn(state, batch)
         step += 1
         if pending is not None:
@@ -219,6 +221,18 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
       progress.close()
       writer.close()
   return state
+
+
+def _compile_on_every_process(step_fn, state, batch):
+  """The step compiled ahead of time, once every process has it.
+
+  A process whose compilation is a cache hit would otherwise wait in the step's first collective
+  while another still compiles, and the collectives' set-up (gloo on CPU) times out after 30 s.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  compiled = step_fn.lower(state, batch).compile()
+  multihost_utils.sync_global_devices("train step compiled")
+  return compiled
 
 
 def _progress_bar(start: int, total: int):
