@@ -21,7 +21,7 @@ from training import xla_cpu  # pylint: disable=g-import-not-at-top
 PEER_PYTHON = bench_train.default_peer_python()
 
 
-def _run_quick(script: str, out: str, *extra: str) -> dict:
+def _run_quick(script: str, out: str, *extra: str, peer: bool = True) -> dict:
   env = dict(os.environ)
   # The benches measure the real devices: one CPU device here, not the tests' forced eight.
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -32,7 +32,7 @@ def _run_quick(script: str, out: str, *extra: str) -> dict:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   cmd = [sys.executable, os.path.join(ROOT, "bench", script), "--quick", "--out", out, *extra]
-  if PEER_PYTHON:
+  if PEER_PYTHON and peer:
     cmd += ["--peer", "--peer_python", PEER_PYTHON]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -111,3 +111,16 @@ def test_peak_table_and_device_tag():
     assert match["bfloat16"] == peak, kind
   assert bench_train.device_tag() == "cpu"
   assert bench_train.peak_tflops("bfloat16") is None  # CPU: MFU left blank.
+
+
+def test_dropout_quick(tmp_path):
+  results = _run_quick("dropout.py", str(tmp_path / "dropout.json"), peer=False)
+  assert sum(s["count"] for s in results["shapes"]) > 0
+  assert {r["name"] for r in results["rows"]} == {"bernoulli_32bit", "layers_16bit"}
+  assert all(r["ms_per_step"] > 0 for r in results["rows"])
+
+
+def test_optimizer_quick(tmp_path):
+  results = _run_quick("optimizer.py", str(tmp_path / "optimizer.json"), peer=False)
+  assert {r["name"] for r in results["rows"]} == {"select", "cond", "unguarded"}
+  assert results["params"] > 0 and all(r["ms"] > 0 for r in results["rows"])

@@ -88,6 +88,21 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
+def apply_if_finite(finite: jax.Array, state: TrainState, grads: Any, *,
+                    tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
+  """The optimizer and EMA update of state by grads if finite, else state unchanged (step included).
+
+  A lax.cond rather than a select of new against old state: the select read and wrote every parameter,
+  moment and EMA array once more, about 40% of the update's time on CPU (bench/optimizer.py).
+  """
+  def update(state):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params,
+                      ema_params=ema_update(state.ema_params, params, ema_decay), opt_state=opt_state)
+  return jax.lax.cond(finite, update, lambda state: state, state)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                schedule: schedules.Schedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, hparams: DiffusionHParams, num_classes: int,
@@ -126,14 +141,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params,
-                         ema_params=ema_update(state.ema_params, params, ema_decay), opt_state=opt_state)
-
   # Refuse a non-finite update; the host sees finite=False and stops the run naming the step.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  new_state = apply_if_finite(finite, state, grads, tx=tx, ema_decay=ema_decay)
   metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_fn(state.step),
              "finite": finite, "step": state.step}
   return new_state, metrics
