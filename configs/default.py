@@ -42,16 +42,25 @@ def get_config() -> ml_collections.ConfigDict:
   dit.mlp_ratio = 4.0  # MLP width / hidden size.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = "linear"  # "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).
+  diffusion.process = "vp"  # Forward process: "vp" (config.diffusion.schedule), "edm" (Karras et al. 2022, sigma_min..sigma_max) or "flow" (x_t = (1 - t) x0 + t eps); edm and flow need num_timesteps=0.
+  diffusion.schedule = "linear"  # "vp" process: "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).
   diffusion.num_timesteps = 1000  # Discrete DDPM steps T; 0 trains in continuous time.
   diffusion.beta_start = 1e-4  # Linear schedule: first beta.
   diffusion.beta_end = 0.02  # Linear schedule: last beta.
   diffusion.zero_terminal_snr = False  # Rescale so that SNR(t=1) = 0 (Lin et al. 2023); use with v.
-  diffusion.prediction = "eps"  # What the network predicts: "eps", "x0" or "v".
+  diffusion.sigma_min = 0.002  # "edm" process: Karras's sigma = sigma_t / alpha_t at t_min (> 0, < sigma_max).
+  diffusion.sigma_max = 80.0  # "edm" process: sigma at t = 1.
+  diffusion.prediction = "eps"  # What the network predicts: "eps", "x0", "v", "edm" (Karras et al. 2022's preconditioned F) or "velocity" (flow matching's eps - x0).
+  diffusion.sigma_data = 0.5  # Standard deviation of the data, for the "edm" prediction's preconditioning (> 0).
   diffusion.loss_weighting = "simple"  # "simple" (DDPM) or "min_snr" (Hang et al. 2023).
   diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting.
+  diffusion.time_sampling = "uniform"  # Training times: "uniform", "logit_normal" (Esser et al. 2024) or "lognormal_sigma" (EDM); the last two need num_timesteps=0.
+  diffusion.p_mean = -1.2  # "lognormal_sigma": mean of ln(sigma) (EDM's P_mean).
+  diffusion.p_std = 1.2  # "lognormal_sigma": standard deviation of ln(sigma) (EDM's P_std, > 0).
+  diffusion.logit_mean = 0.0  # "logit_normal": mean m of logit(t).
+  diffusion.logit_std = 1.0  # "logit_normal": standard deviation s of logit(t) (> 0).
   diffusion.p_uncond = 0.0  # Probability of dropping the label (classifier-free guidance training).
-  diffusion.model_time = "index"  # Network time input: "index" (1000 t, step i as i) or "index_from_zero" (step i as i - 1: DDPM's code, diffusers; converted checkpoints).
+  diffusion.model_time = "index"  # Network time input: "index" (1000 t, step i as i), "index_from_zero" (step i as i - 1: DDPM's code, diffusers; converted checkpoints) or "c_noise" (ln(sigma) / 4, EDM).
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.
@@ -78,7 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   sample.grid = ml_collections.config_dict.placeholder(str)  # Time grid (diffusion.grids.GRIDS); None = the sampler's default.
   sample.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM ancestral).
   sample.ddpm_variance = "small"  # DDPM posterior variance: "small" (beta-tilde) or "large" (beta).
+  sample.preset = ml_collections.config_dict.placeholder(str)  # Named sampler settings (diffusion.samplers.PRESETS: "edm", "edm_stochastic"); replaces sampler, grid and s_*; None = those keys.
   sample.s_churn = 0.0  # Euler / Heun stochastic churn (Karras et al. 2022, Alg. 2).
+  sample.s_tmin = 0.0  # Euler / Heun: churn only where sigma >= s_tmin.
+  sample.s_tmax = ml_collections.config_dict.placeholder(float)  # Euler / Heun: churn only where sigma <= s_tmax; None = no bound.
+  sample.s_noise = 1.0  # Euler / Heun: scale of the churn's fresh noise (S_noise).
   sample.guidance_scale = 1.0  # Classifier-free guidance scale w (1 = conditional, 0 = unconditional).
   sample.guidance_rescale = 0.0  # Guidance rescale phi (Lin et al. 2023); 0 disables.
   sample.clip_x0 = True  # Clip predicted x0 to [-1, 1] at every step (DDPM's clip_denoised).

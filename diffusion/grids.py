@@ -23,10 +23,8 @@ from diffusion import schedules
 
 Array = jnp.ndarray
 
-# Samplers and grids never go below this logSNR: a zero-terminal-SNR schedule has logSNR(1) = -inf,
-# where sigma / alpha is infinite. diffusers clips alpha-bar(1) at 2^-24 (logSNR -16.6) for the same
-# reason; -24 leaves every finite schedule here (cosine is clipped at -20) untouched.
-LOGSNR_MIN = -24.0
+# Samplers and grids never go below this logSNR (see schedules.LOGSNR_MIN).
+LOGSNR_MIN = schedules.LOGSNR_MIN
 
 
 def _with_zero(t: np.ndarray | Array) -> Array:

@@ -49,7 +49,8 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
                     clip_x0: bool = False) -> Callable[[Array, Array], tuple[Array, Array]]:
   """denoise_fn(x_t, t) -> (x0_hat, eps_hat) from apply_fn(x, model_time, labels) -> network output.
 
-  model_time is schedule.model_time(t) broadcast to [B]. With labels, classifier-free guidance of scale
+  The network sees parameterization.network_input of x_t (x_t itself for eps, x0 and v) and
+  model_time = schedule.model_time(t) broadcast to [B]. With labels, classifier-free guidance of scale
   w mixes the conditional and the null-label (unconditional) outputs, both from one forward pass of
   the doubled batch; a Python w = 1 (without rescale) skips the unconditional half. Guidance mixes the
   two x0_hat (the same as mixing eps_hat or v_hat: each is affine in the other at fixed x_t), and the
@@ -69,20 +70,22 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
   def denoise_fn(x: Array, t: Array) -> tuple[Array, Array]:
     alpha, sigma = (a.astype(x.dtype) for a in schedule.alpha_sigma(t))
     model_time = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],))
+    level = dict(alpha=alpha, sigma=sigma, sigma_data=schedule.sigma_data)
+    x_in = parameterization.network_input(prediction, x_t=x, **level)
     if guided:
-      out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([model_time, model_time]),
+      out = apply_fn(jnp.concatenate([x_in, x_in]), jnp.concatenate([model_time, model_time]),
                      jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
       cond, uncond = jnp.split(out.astype(x.dtype), 2)
-      x0_cond, eps_cond = parameterization.to_x0_eps(prediction, cond, x_t=x, alpha=alpha, sigma=sigma)
-      x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, uncond, x_t=x, alpha=alpha, sigma=sigma)
+      x0_cond, eps_cond = parameterization.to_x0_eps(prediction, cond, x_t=x, **level)
+      x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, uncond, x_t=x, **level)
       x0 = classifier_free_guidance(cond=x0_cond, uncond=x0_uncond, scale=guidance_scale)
       eps = classifier_free_guidance(cond=eps_cond, uncond=eps_uncond, scale=guidance_scale)
       if guidance_rescale:
         x0 = rescale_guidance(guided=x0, cond=x0_cond, phi=guidance_rescale)
         eps = parameterization.x0_to_eps(x_t=x, x0=x0, alpha=alpha, sigma=sigma)
     else:
-      out = apply_fn(x, model_time, labels).astype(x.dtype)
-      x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, alpha=alpha, sigma=sigma)
+      out = apply_fn(x_in, model_time, labels).astype(x.dtype)
+      x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, **level)
     if dynamic_threshold is not None:
       x0 = _threshold(x0, percentile=dynamic_threshold)
     elif clip_x0:

@@ -14,6 +14,21 @@ The network's time input (Schedule.model_time) is 1000 t: step i of a 1000-step 
 alpha-bar_i, is fed as i = 1..T. DDPM's code (diffusion_tf) and diffusers number the same step from
 zero and feed i - 1; a converted checkpoint sets config.diffusion.model_time="index_from_zero" to see
 exactly the values its training used.
+
+Besides the variance-preserving schedules (config.diffusion.process = "vp"), two processes live in
+the same currency, each given by its logSNR(t) alone; x_t stays the VP variable alpha x0 + sigma eps
+with alpha^2 + sigma^2 = 1, and what the network sees is the parameterisation's business
+(parameterization.network_input), as Karras et al. 2022 (Table 1, Eq. 4) separate the ODE's scale
+s(t) from the network's preconditioning:
+- "edm" (Karras et al. 2022): the variance-exploding x = x0 + sigma n, sigma = sigma_t / alpha_t =
+  exp(-logSNR / 2) on their rho = 7 ramp (Eq. 5) in t: sigma(t_min) = sigma_min, sigma(1) = sigma_max,
+  and sigma(0) = 0 (clean data). VP's x_t is x / sqrt(1 + sigma^2) (alpha = 1 / sqrt(1 + sigma^2),
+  sigma_t = sigma alpha). With it the uniform time grid ("trailing") is Karras's grid.
+- "flow" (rectified flow, Liu et al. 2023; flow matching, Lipman et al. 2023): x = (1 - t) x0 + t eps,
+  logSNR = 2 log((1 - t) / t); VP's x_t is x / sqrt((1 - t)^2 + t^2), i.e. x = x_t / (alpha + sigma).
+  SNR is 0 at t = 1 (as with zero terminal SNR).
+Schedule.sigma_data is the data's standard deviation that the "edm" parameterisation's
+preconditioning assumes; it travels with the schedule so every caller of the network has it.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ class Schedule:
   num_timesteps: int = 0  # > 0: a discrete DDPM schedule, trained and sampled at t = i / T.
   variance_preserving: bool = True
   time_input: str = "index"  # The network's time input, one of MODEL_TIMES (see model_time).
+  sigma_data: float = 0.5  # The data's standard deviation, for the "edm" parameterisation.
 
   def logsnr(self, t: Array) -> Array:
     """log(alpha(t)^2 / sigma(t)^2), decreasing in t."""
@@ -57,10 +73,16 @@ class Schedule:
     return 1.0 / self.num_timesteps if self.num_timesteps else T_MIN_CONTINUOUS
 
   def model_time(self, t: Array) -> Array:
-    """The network's time input: 1000 t ("index", step i fed as i) or T t - 1 ("index_from_zero", i - 1)."""
+    """The network's time input: 1000 t ("index", step i fed as i), T t - 1 ("index_from_zero", i - 1)
+
+    or c_noise = ln(sigma) / 4 = -logSNR / 8 ("c_noise", Karras et al. 2022, Table 1), logSNR clipped
+    below at LOGSNR_MIN so an SNR-0 start stays finite.
+    """
     t = jnp.asarray(t, jnp.float32)
     if self.time_input == "index_from_zero":
       return self.num_timesteps * t - 1.0
+    if self.time_input == "c_noise":
+      return -0.125 * jnp.maximum(self.logsnr(t), LOGSNR_MIN)
     return 1000.0 * t
 
 
@@ -69,8 +91,15 @@ class Schedule:
 T_MIN_CONTINUOUS = 1e-5
 
 # The network's time input: "index" feeds 1000 t (step i of a 1000-step schedule as i, this codebase's
-# convention), "index_from_zero" feeds T t - 1 (step i as i - 1: DDPM's code and diffusers).
-MODEL_TIMES = ("index", "index_from_zero")
+# convention), "index_from_zero" feeds T t - 1 (step i as i - 1: DDPM's code and diffusers), "c_noise"
+# feeds ln(sigma) / 4 of Karras's sigma = sigma_t / alpha_t (EDM's c_noise).
+MODEL_TIMES = ("index", "index_from_zero", "c_noise")
+
+# Samplers, grids and the c_noise time input never go below this logSNR: a zero-terminal-SNR schedule
+# or the flow has logSNR(1) = -inf, where sigma / alpha is infinite. diffusers clips alpha-bar(1) at
+# 2^-24 (logSNR -16.6) for the same reason; -24 leaves every finite schedule here (cosine is clipped at
+# -20) untouched.
+LOGSNR_MIN = -24.0
 
 
 def _as_float(x: Array) -> Array:
@@ -224,13 +253,69 @@ def continuous_cosine(s: float = 0.008, *, zero_terminal_snr: bool = False,
                               logsnr_min=logsnr_min)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The EDM and flow processes (module docstring).
+
+EDM_RHO = 7.0  # Karras et al. 2022, Eq. 5 and Table 1: the ramp of their time steps.
+
+
+def edm_schedule(*, sigma_min: float, sigma_max: float, rho: float = EDM_RHO) -> Schedule:
+  """Karras et al. 2022, Eq. 5 in t: sigma(t) = (a + u (b - a))^rho, a = sigma_min^(1/rho),
+
+  b = sigma_max^(1/rho), u = (t - t_min) / (1 - t_min), so sigma(t_min) = sigma_min and sigma(1) =
+  sigma_max; sigma(0) = 0 (the data). logSNR = -2 log sigma.
+  """
+  if not 0 < sigma_min < sigma_max:
+    raise ValueError(f"config.diffusion.sigma_min={sigma_min} and config.diffusion.sigma_max={sigma_max} "
+                     "must satisfy 0 < sigma_min < sigma_max.")
+  a, b, t_min = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho), T_MIN_CONTINUOUS
+
+  def logsnr_fn(t):
+    u = (t - t_min) / (1.0 - t_min)
+    return jnp.where(t > 0, -2.0 * rho * jnp.log(a + u * (b - a)), jnp.inf)
+
+  def t_from_logsnr_fn(logsnr):
+    u = (jnp.exp(-0.5 / rho * logsnr) - a) / (b - a)
+    return jnp.clip(t_min + u * (1.0 - t_min), 0.0, 1.0)
+
+  return Schedule(logsnr_fn, t_from_logsnr_fn, num_timesteps=0)
+
+
+def flow_schedule() -> Schedule:
+  """Rectified flow (Liu et al. 2023, Eq. 1): x = (1 - t) x0 + t eps, logSNR = 2 log((1 - t) / t)."""
+  logsnr_fn = lambda t: 2.0 * (jnp.log1p(-t) - jnp.log(t))
+  t_from_logsnr_fn = lambda logsnr: jax_sigmoid(-0.5 * logsnr)  # (1 - t) / t = e^(logSNR / 2).
+  return Schedule(logsnr_fn, t_from_logsnr_fn, num_timesteps=0)
+
+
 SCHEDULES = ("linear", "cosine")
+PROCESSES = ("vp", "edm", "flow")
 
 
 def create_schedule(*, schedule: str, num_timesteps: int, beta_start: float = 1e-4,
                     beta_end: float = 0.02, zero_terminal_snr: bool = False,
-                    model_time: str = "index") -> Schedule:
-  """The schedule named by config.diffusion.schedule, discrete if num_timesteps > 0."""
+                    model_time: str = "index", process: str = "vp", sigma_min: float = 0.002,
+                    sigma_max: float = 80.0, sigma_data: float = 0.5) -> Schedule:
+  """The process of config.diffusion.process: "vp" is the schedule named by config.diffusion.schedule,
+
+  discrete if num_timesteps > 0; "edm" and "flow" are continuous-time (num_timesteps = 0).
+  """
+  if process not in PROCESSES:
+    raise ValueError(f"config.diffusion.process={process!r} is not one of {', '.join(PROCESSES)}.")
+  if sigma_data <= 0:
+    raise ValueError(f"config.diffusion.sigma_data={sigma_data} must be > 0.")
+  if process != "vp":
+    if num_timesteps != 0:
+      raise ValueError(f"config.diffusion.process={process!r} is a continuous-time process; it needs "
+                       f"config.diffusion.num_timesteps=0, got {num_timesteps}.")
+    if zero_terminal_snr:
+      raise ValueError("config.diffusion.zero_terminal_snr=True rescales a 'vp' schedule; it does not "
+                       f"apply to config.diffusion.process={process!r}.")
+    if model_time not in MODEL_TIMES or model_time == "index_from_zero":
+      raise ValueError(f"config.diffusion.model_time={model_time!r} is not one of index, c_noise "
+                       f"(config.diffusion.process={process!r}).")
+    out = edm_schedule(sigma_min=sigma_min, sigma_max=sigma_max) if process == "edm" else flow_schedule()
+    return dataclasses.replace(out, time_input=model_time, sigma_data=sigma_data)
   if schedule not in SCHEDULES:
     raise ValueError(f"config.diffusion.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}.")
   if num_timesteps < 0:
@@ -251,4 +336,4 @@ def create_schedule(*, schedule: str, num_timesteps: int, beta_start: float = 1e
     out = continuous_linear(beta_start, beta_end, zero_terminal_snr=zero_terminal_snr)
   else:
     out = continuous_cosine(zero_terminal_snr=zero_terminal_snr)
-  return dataclasses.replace(out, time_input=model_time)
+  return dataclasses.replace(out, time_input=model_time, sigma_data=sigma_data)

@@ -34,6 +34,8 @@ STATE_SECTIONS = ("model", "diffusion")
 RESUMABLE_KEYS = frozenset({
     "model.remat", "model.attention", "model.dtype",  # Parameters stay float32 whatever the compute dtype.
     "diffusion.loss_weighting", "diffusion.min_snr_gamma", "diffusion.p_uncond",
+    "diffusion.time_sampling", "diffusion.p_mean", "diffusion.p_std", "diffusion.logit_mean",
+    "diffusion.logit_std",  # Where training spends its effort, not what the network computes.
 })
 # Besides these sections: the optimizer state's structure (clipping adds a stage to optax's chain)
 # and the image shape the model was built for.

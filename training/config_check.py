@@ -11,6 +11,7 @@ from diffusion import losses
 from diffusion import parameterization
 from diffusion import samplers
 from diffusion import schedules
+from training import train_step
 from training import xla_cpu
 
 
@@ -75,10 +76,33 @@ def validate_model(model: ml_collections.ConfigDict, *, image_size: int) -> None
   _require(isinstance(model.remat, bool), f"config.model.remat={model.remat!r} is not one of False, True.")
 
 
+def _validate_process(diffusion: ml_collections.ConfigDict) -> None:
+  """config.diffusion.process and its keys (sigma_min, sigma_max), and the time sampling."""
+  _choice("diffusion.process", diffusion.process, schedules.PROCESSES)
+  _require(0 < diffusion.sigma_min < diffusion.sigma_max,
+           f"config.diffusion.sigma_min={diffusion.sigma_min} and config.diffusion.sigma_max="
+           f"{diffusion.sigma_max} must satisfy 0 < sigma_min < sigma_max.")
+  _require(diffusion.sigma_data > 0, f"config.diffusion.sigma_data={diffusion.sigma_data} must be > 0.")
+  if diffusion.process != "vp":
+    _require(diffusion.num_timesteps == 0,
+             f"config.diffusion.process={diffusion.process!r} is a continuous-time process; it needs "
+             f"config.diffusion.num_timesteps=0, got {diffusion.num_timesteps}.")
+    _require(not diffusion.zero_terminal_snr,
+             "config.diffusion.zero_terminal_snr=True rescales a 'vp' schedule; it does not apply to "
+             f"config.diffusion.process={diffusion.process!r}.")
+  _choice("diffusion.time_sampling", diffusion.time_sampling, train_step.TIME_SAMPLINGS)
+  _require(diffusion.time_sampling == "uniform" or diffusion.num_timesteps == 0,
+           f"config.diffusion.time_sampling={diffusion.time_sampling!r} needs continuous time "
+           f"(config.diffusion.num_timesteps=0), got {diffusion.num_timesteps}.")
+  for key in ("p_std", "logit_std"):
+    _require(diffusion[key] > 0, f"config.diffusion.{key}={diffusion[key]} must be > 0.")
+
+
 def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int) -> None:
   _choice("diffusion.schedule", diffusion.schedule, schedules.SCHEDULES)
   _require(diffusion.num_timesteps >= 0,
            f"config.diffusion.num_timesteps={diffusion.num_timesteps} must be >= 0 (0 = continuous time).")
+  _validate_process(diffusion)
   _choice("diffusion.prediction", diffusion.prediction, parameterization.PREDICTIONS)
   _choice("diffusion.loss_weighting", diffusion.loss_weighting, losses.WEIGHTINGS)
   _require(diffusion.min_snr_gamma > 0, f"config.diffusion.min_snr_gamma={diffusion.min_snr_gamma} must be > 0.")
@@ -89,7 +113,10 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
   _require(not (diffusion.zero_terminal_snr and diffusion.prediction == "eps"),
            "config.diffusion.zero_terminal_snr=True needs config.diffusion.prediction='v' or 'x0': "
            "at SNR 0 the noise is the input and eps prediction cannot recover x0 (Lin et al. 2023, Sec. 3.2).")
-  if diffusion.schedule == "linear":
+  _require(not (diffusion.process == "flow" and diffusion.prediction == "eps"),
+           "config.diffusion.process='flow' reaches SNR 0 at t = 1, where eps prediction cannot recover "
+           "x0; use config.diffusion.prediction='velocity' (flow matching), 'v' or 'x0'.")
+  if diffusion.process == "vp" and diffusion.schedule == "linear":
     _require(0 < diffusion.beta_start < diffusion.beta_end < 1,
              f"config.diffusion.beta_start={diffusion.beta_start} and beta_end={diffusion.beta_end} must "
              "satisfy 0 < beta_start < beta_end < 1.")
@@ -138,7 +165,13 @@ def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | No
   if sample.grid is not None:
     _choice("sample.grid", sample.grid, tuple(grids.GRIDS))
   _choice("sample.ddpm_variance", sample.ddpm_variance, ("small", "large"))
+  if sample.preset is not None:
+    _choice("sample.preset", sample.preset, tuple(samplers.PRESETS))
   _require(sample.s_churn >= 0, f"config.sample.s_churn={sample.s_churn} must be >= 0.")
+  _require(sample.s_tmin >= 0, f"config.sample.s_tmin={sample.s_tmin} must be >= 0.")
+  _require(sample.s_tmax is None or sample.s_tmax > sample.s_tmin, f"config.sample.s_tmax="
+           f"{sample.s_tmax} must be above config.sample.s_tmin={sample.s_tmin}, or None (no bound).")
+  _require(sample.s_noise > 0, f"config.sample.s_noise={sample.s_noise} must be > 0.")
   _require(sample.guidance_scale >= 0, f"config.sample.guidance_scale={sample.guidance_scale} must be >= 0.")
   _require(0 <= sample.guidance_rescale <= 1,
            f"config.sample.guidance_rescale={sample.guidance_rescale} must be in [0, 1].")

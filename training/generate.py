@@ -34,6 +34,10 @@ class SampleOptions:
   eta: float = 0.0
   ddpm_variance: str = "small"
   s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float | None = None  # None: no upper bound.
+  s_noise: float = 1.0
+  preset: str | None = None  # A name in samplers.PRESETS, already applied to the fields above.
   guidance_scale: float = 1.0
   guidance_rescale: float = 0.0
   dynamic_threshold: float | None = None
@@ -43,11 +47,18 @@ class SampleOptions:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SampleOptions":
+    """config.sample's settings, those of config.sample.preset (samplers.PRESETS) replacing its own."""
     s = config.sample
-    return cls(sampler=s.sampler, steps=s.steps, grid=s.grid, eta=s.eta, ddpm_variance=s.ddpm_variance,
-               s_churn=s.s_churn, guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
+    karras = dict(sampler=s.sampler, grid=s.grid, s_churn=s.s_churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax,
+                  s_noise=s.s_noise)
+    if s.preset is not None:
+      if s.preset not in samplers.PRESETS:
+        raise ValueError(f"config.sample.preset={s.preset!r} is not one of {', '.join(samplers.PRESETS)}.")
+      karras.update(samplers.PRESETS[s.preset])
+    return cls(steps=s.steps, eta=s.eta, ddpm_variance=s.ddpm_variance, preset=s.preset,
+               guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
                dynamic_threshold=s.dynamic_threshold, clip_x0=s.clip_x0, batch_size=s.batch_size,
-               prediction=config.diffusion.prediction)
+               prediction=config.diffusion.prediction, **karras)
 
   def sampler_options(self) -> dict[str, Any]:
     """The keyword options of the chosen sampler (the others' knobs do not apply to it)."""
@@ -56,7 +67,8 @@ class SampleOptions:
     if self.sampler == "ddpm":
       return {"variance": self.ddpm_variance}
     if self.sampler in ("euler", "heun"):
-      return {"s_churn": self.s_churn}
+      s_tmax = float("inf") if self.s_tmax is None else self.s_tmax
+      return {"s_churn": self.s_churn, "s_tmin": self.s_tmin, "s_tmax": s_tmax, "s_noise": self.s_noise}
     return {}
 
 

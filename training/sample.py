@@ -47,8 +47,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   images, labels = sampler.sample(state.ema_params, seed=trained.sample.seed, num=trained.sample.num)
   seconds = time.perf_counter() - start
 
-  s = trained.sample
-  stem = f"step{step}_{s.sampler}_{s.steps}steps_w{s.guidance_scale:g}_seed{s.seed}"
+  s, o = trained.sample, sampler.options  # o: after config.sample.preset.
+  stem = f"step{step}_{o.sampler}_{o.steps}steps_w{o.guidance_scale:g}_seed{s.seed}"
   out_dir = os.path.join(workdir, "samples")
   path = unique_path(out_dir, stem, (".npz", ".png"))
   settings = {"checkpoint_step": step, "seconds": seconds, "num_devices": jax.device_count(),
@@ -59,6 +59,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
       np.savez(f, images=images, labels=labels, settings=json.dumps(settings))
     os.replace(path + ".npz.tmp", path + ".npz")
     writers.save_png(path + ".png", writers.image_grid(images, cols=trained.model.num_classes or None))
-  logging.info("Drew %d images with %s, %d steps, in %.1f s: %s.{npz,png}", len(images), s.sampler,
-               s.steps, seconds, path)
+  logging.info("Drew %d images with %s, %d steps, in %.1f s: %s.{npz,png}", len(images), o.sampler,
+               o.steps, seconds, path)
   return path

@@ -34,12 +34,13 @@ def create_mesh() -> jax.sharding.Mesh:
 
 
 def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Schedule:
-  """The schedule of config.diffusion; configs saved before model_time existed mean "index"."""
+  """The process of config.diffusion; configs saved before a key existed mean its old value ("vp", "index")."""
+  d = diffusion_config
   return schedules.create_schedule(
-      schedule=diffusion_config.schedule, num_timesteps=diffusion_config.num_timesteps,
-      beta_start=diffusion_config.beta_start, beta_end=diffusion_config.beta_end,
-      zero_terminal_snr=diffusion_config.zero_terminal_snr,
-      model_time=diffusion_config.get("model_time", "index"))
+      schedule=d.schedule, num_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+      zero_terminal_snr=d.zero_terminal_snr, model_time=d.get("model_time", "index"),
+      process=d.get("process", "vp"), sigma_min=d.get("sigma_min", 0.002),
+      sigma_max=d.get("sigma_max", 80.0), sigma_data=d.get("sigma_data", 0.5))
 
 
 def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...],

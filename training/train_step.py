@@ -33,11 +33,17 @@ class DiffusionHParams:
   loss_weighting: str = "simple"
   min_snr_gamma: float = 5.0
   p_uncond: float = 0.0
+  time_sampling: str = "uniform"  # One of TIME_SAMPLINGS (sample_times).
+  time_mean: float = 0.0  # Of logit(t) ("logit_normal") or ln(sigma) ("lognormal_sigma").
+  time_std: float = 1.0
 
   @classmethod
   def from_config(cls, diffusion_config: ml_collections.ConfigDict) -> "DiffusionHParams":
-    return cls(prediction=diffusion_config.prediction, loss_weighting=diffusion_config.loss_weighting,
-               min_snr_gamma=diffusion_config.min_snr_gamma, p_uncond=diffusion_config.p_uncond)
+    d = diffusion_config
+    mean, std = {"logit_normal": (d.logit_mean, d.logit_std),
+                 "lognormal_sigma": (d.p_mean, d.p_std)}.get(d.time_sampling, (0.0, 1.0))
+    return cls(prediction=d.prediction, loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
+               p_uncond=d.p_uncond, time_sampling=d.time_sampling, time_mean=mean, time_std=std)
 
 
 def learning_rate_schedule(*, learning_rate: float, warmup_steps: int) -> optax.Schedule:
@@ -72,16 +78,33 @@ def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransforma
                     opt_state=tx.init(params))
 
 
-def sample_times(rng: jax.Array, batch_size: int, schedule: schedules.Schedule) -> jax.Array:
-  """Training times: uniform over the T discrete steps i / T, or over [t_min, 1] in continuous time
+# config.diffusion.time_sampling: the distribution of training times (sample_times).
+TIME_SAMPLINGS = ("uniform", "logit_normal", "lognormal_sigma")
+
+
+def sample_times(rng: jax.Array, batch_size: int, schedule: schedules.Schedule, *,
+                 distribution: str = "uniform", mean: float = 0.0, std: float = 1.0) -> jax.Array:
+  """Training times: "uniform" over the T discrete steps i / T, or over [t_min, 1] in continuous time
 
   (t_min = 1e-5, Song et al. 2021, App. D.2), so the likelihood ODE, which starts at t_min, runs
-  where the network was trained.
+  where the network was trained. In continuous time also "logit_normal": logit(t) ~ N(mean, std^2)
+  (Esser et al. 2024, Sec. 3.1), and "lognormal_sigma": ln(sigma) ~ N(mean, std^2) for Karras's sigma =
+  sigma_t / alpha_t (Karras et al. 2022, Sec. 5: P_mean, P_std); both clipped to [t_min, 1].
   """
+  if distribution not in TIME_SAMPLINGS:
+    raise ValueError(f"config.diffusion.time_sampling={distribution!r} is not one of "
+                     f"{', '.join(TIME_SAMPLINGS)}.")
   if schedule.num_timesteps:
+    if distribution != "uniform":
+      raise ValueError(f"config.diffusion.time_sampling={distribution!r} needs continuous time "
+                       f"(config.diffusion.num_timesteps=0), got {schedule.num_timesteps}.")
     i = jax.random.randint(rng, (batch_size,), 1, schedule.num_timesteps + 1)
     return i.astype(jnp.float32) / schedule.num_timesteps
-  return jax.random.uniform(rng, (batch_size,), minval=schedule.t_min, maxval=1.0)
+  if distribution == "uniform":
+    return jax.random.uniform(rng, (batch_size,), minval=schedule.t_min, maxval=1.0)
+  z = mean + std * jax.random.normal(rng, (batch_size,))
+  t = jax.nn.sigmoid(z) if distribution == "logit_normal" else schedule.t_from_logsnr(-2.0 * z)
+  return jnp.clip(t, schedule.t_min, 1.0)
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
@@ -117,12 +140,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   batch_size = x0.shape[0]
 
   # Forward process at random times.
-  t = sample_times(t_rng, batch_size, schedule)
+  t = sample_times(t_rng, batch_size, schedule, distribution=hparams.time_sampling,
+                   mean=hparams.time_mean, std=hparams.time_std)
   alpha, sigma = schedule.alpha_sigma(t)
   logsnr = schedule.logsnr(t)
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
   bcast = lambda a: a[:, None, None, None]
   x_t = parameterization.diffuse(x0=x0, noise=noise, alpha=bcast(alpha), sigma=bcast(sigma))
+  x_in = parameterization.network_input(hparams.prediction, x_t=x_t, alpha=bcast(alpha),
+                                        sigma=bcast(sigma), sigma_data=schedule.sigma_data)
 
   # Label dropout to the null class trains the unconditional model for classifier-free guidance.
   if num_classes:
@@ -132,11 +158,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     labels = None
 
   def loss_fn(params):
-    output = model.apply({"params": params}, x_t, schedule.model_time(t), labels, train=True,
+    output = model.apply({"params": params}, x_in, schedule.model_time(t), labels, train=True,
                          rngs={"dropout": dropout_rng})
     per_example = losses.denoising_loss(
         output, x0=x0, eps=noise, alpha=alpha, sigma=sigma, logsnr=logsnr,
-        prediction=hparams.prediction, weighting=hparams.loss_weighting, gamma=hparams.min_snr_gamma)
+        prediction=hparams.prediction, weighting=hparams.loss_weighting, gamma=hparams.min_snr_gamma,
+        sigma_data=schedule.sigma_data)
     return jnp.mean(per_example)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
