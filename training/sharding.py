@@ -1,14 +1,15 @@
-"""How the train state and the batches lie on the devices: a 2-D ("data", "fsdp") mesh and one rule.
+"""Where the train state and the batches lie: a 2-D ("data", "fsdp") mesh and one rule.
 
-The batch is split along both axes, over every device. Each weight of at least config.mesh.fsdp_min_size
-elements is split along "fsdp" on its largest dimension divisible by the fsdp size (ties: the last);
-everything else (biases, norms, scalars) is replicated. The same rule gives the parameters, their EMA
-and Adam's moments (which have the parameters' shapes) their shardings, so each device holds about
-1/fsdp of the large weights (fully sharded data parallelism, ZeRO-3; Rajbhandari et al. 2020). The
-jitted step is unchanged: XLA gathers each weight where it is used and reduce-scatters its gradient.
+The batch is split along both axes, over every device. Each array of at least
+config.mesh.fsdp_min_size elements is split along "fsdp" on its largest dimension divisible by the
+fsdp size (ties: the last); everything else (biases, norms, scalars) is replicated. The same rule
+lays out the parameters, their EMA and Adam's moments (which have the parameters' shapes), so each
+device holds about 1/fsdp of the large weights (fully sharded data parallelism, ZeRO-3; Rajbhandari
+et al. 2020). The jitted step is unchanged: XLA gathers each weight where it is used and
+reduce-scatters its gradient.
 
-A large weight with no dimension divisible by the fsdp size stays replicated, with one warning naming it:
-the run still fits wherever the replicated one did.
+A large weight with no dimension divisible by the fsdp size stays replicated, with one warning
+naming it (rather than an error): the run still fits wherever the replicated one did.
 """
 
 from __future__ import annotations
@@ -29,25 +30,26 @@ DEFAULT_FSDP_MIN_SIZE = 2**16  # configs/default.py's config.mesh.fsdp_min_size.
 _warned: set[str] = set()  # Warnings already logged in this process.
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict | None, *, device_count: int) -> tuple[int, int]:
-  """(data, fsdp) sizes of config.mesh over device_count devices, -1 resolved; ValueError naming the key."""
+def mesh_shape(mesh_config: ml_collections.ConfigDict | None, *,
+               device_count: int) -> tuple[int, int]:
+  """(data, fsdp) of config.mesh on device_count devices, -1 resolved; ValueError naming the key."""
   sizes = {axis: -1 if axis == DATA else 1 for axis in AXES}  # The default: pure data parallelism.
   if mesh_config is not None:
     sizes = {axis: mesh_config.get(axis, sizes[axis]) for axis in AXES}
   for axis, size in sizes.items():
     if not isinstance(size, int) or isinstance(size, bool) or (size <= 0 and size != -1):
-      raise ValueError(f"config.mesh.{axis}={size!r} must be a positive integer or -1 (the rest of the "
-                       "devices).")
+      raise ValueError(f"config.mesh.{axis}={size!r} must be a positive integer or -1 (the rest "
+                       "of the devices).")
   rest = [axis for axis, size in sizes.items() if size == -1]
   if len(rest) > 1:
-    raise ValueError(f"config.mesh.data={sizes[DATA]} and config.mesh.fsdp={sizes[FSDP]}: at most one "
-                     "of them may be -1 (the rest of the devices).")
+    raise ValueError(f"config.mesh.data={sizes[DATA]} and config.mesh.fsdp={sizes[FSDP]}: at most "
+                     "one of them may be -1 (the rest of the devices).")
   known = math.prod(size for size in sizes.values() if size != -1)
   if rest:
     if device_count % known:
       fixed = next(axis for axis in AXES if axis not in rest)
-      raise ValueError(f"config.mesh.{fixed}={known} does not divide the {device_count} devices, so "
-                       f"config.mesh.{rest[0]}=-1 has no size.")
+      raise ValueError(f"config.mesh.{fixed}={known} does not divide the {device_count} devices, "
+                       f"so config.mesh.{rest[0]}=-1 has no size.")
     sizes[rest[0]] = device_count // known
   if sizes[DATA] * sizes[FSDP] != device_count:
     raise ValueError(f"config.mesh.data x config.mesh.fsdp = {sizes[DATA]} x {sizes[FSDP]} = "
@@ -58,7 +60,7 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict | None, *, device_count: i
 
 def create_mesh(mesh_config: ml_collections.ConfigDict | None = None, *,
                 devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A ("data", "fsdp") mesh over devices (default: every device of every process) as config.mesh says.
+  """The ("data", "fsdp") mesh of config.mesh over devices (default: all devices of all processes).
 
   jax.make_mesh orders the devices for the interconnect (each process's devices together, fsdp
   innermost); both axes are Auto (sharding follows in_shardings/out_shardings), as jax.make_mesh's
@@ -108,8 +110,8 @@ def state_shardings(abstract_state: Any, *, mesh: jax.sharding.Mesh, fsdp_min_si
       unsplit.append(f"{jax.tree_util.keystr(path)} {list(shape)}")
     shardings.append(NamedSharding(mesh, spec))
   if unsplit:
-    message = (f"{len(unsplit)} arrays of >= {fsdp_min_size} elements (config.mesh.fsdp_min_size) have "
-               f"no dimension divisible by config.mesh.fsdp={fsdp_size} and stay replicated: "
+    message = (f"{len(unsplit)} arrays of >= {fsdp_min_size} elements (config.mesh.fsdp_min_size) "
+               f"have no dimension divisible by config.mesh.fsdp={fsdp_size} and stay replicated: "
                + ", ".join(unsplit))
     if message not in _warned:
       _warned.add(message)
@@ -118,6 +120,6 @@ def state_shardings(abstract_state: Any, *, mesh: jax.sharding.Mesh, fsdp_min_si
 
 
 def bytes_per_device(tree: Any) -> int:
-  """Bytes one device holds of tree's arrays (or ShapeDtypeStructs with shardings), evenly sharded."""
+  """Bytes one device holds of tree's arrays (or ShapeDtypeStructs with shardings)."""
   return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
              for leaf in jax.tree.leaves(tree))

@@ -26,7 +26,7 @@ from training import writers
 
 
 def create_mesh(mesh_config: ml_collections.ConfigDict | None = None) -> jax.sharding.Mesh:
-  """The ("data", "fsdp") mesh of config.mesh over every device of every process (sharding.create_mesh).
+  """The ("data", "fsdp") mesh of config.mesh over all devices of all processes (sharding.py).
 
   Without mesh_config: pure data parallelism, every device on "data".
   """
@@ -44,14 +44,15 @@ def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Sc
 
 def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...],
                    mesh: jax.sharding.Mesh):
-  """Shapes, dtypes and shardings (sharding.state_shardings) of the train state, without allocating it."""
+  """Shapes, dtypes and shardings (sharding.state_shardings) of the train state, not allocated."""
   model = models.create_model(config.model)
   tx, _ = train_step_lib.create_optimizer(config.optim)
   init = functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
                            num_classes=config.model.num_classes)
   shapes = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(shapes, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      shardings)
 
 
 class _Preemption:
