@@ -11,7 +11,11 @@ bench/results/<device>-<date>.json.
 
   python bench/train.py [--config configs/cifar10.py] [--batch_sizes 8,32] [--variants fp32,bf16]
                         [--cpu_settings config,xla_defaults] [--peer --peer_python /path/to/venv/bin/python]
-                        [--quick] [--profile DIR]
+                        [--meshes 8x1,2x4] [--quick] [--profile DIR]
+
+--meshes runs each variant on each data x fsdp mesh (config.mesh, training/sharding.py) and reports the
+train state's bytes per device; on a CPU, force 8 host devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 import models
 from diffusion import schedules
+from training import sharding
 from training import train_step as train_step_lib
 from training import xla_cpu
 
@@ -84,7 +89,8 @@ CPU_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 RESULT_KEYS = ("name", "batch", "compile_s", "step_s", "step_s_p10", "step_s_p90", "images_per_s",
-               "peak_memory_bytes", "peak_memory_kind", "flops", "tflops_per_s", "mfu", "ratio_vs")
+               "peak_memory_bytes", "peak_memory_kind", "flops", "tflops_per_s", "mfu", "ratio_vs",
+               "mesh", "state_bytes_per_device")
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -168,14 +174,30 @@ def peer_spec(config: ml_collections.ConfigDict, channels: int) -> dict[str, Any
           "num_classes": config.model.num_classes, "scale_shift": m.scale_shift}
 
 
-class OursTrain:
-  """Our jitted, donated train step on a fixed random batch; run(n) times n synchronised steps."""
+def parse_mesh(text: str) -> dict[str, int]:
+  """'2x4' -> {"data": 2, "fsdp": 4} (config.mesh sizes; -1 = the rest)."""
+  try:
+    data, fsdp = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise SystemExit(f"--meshes: {text!r} is not data x fsdp, e.g. 8x1 or 2x4.") from None
+  return {"data": data, "fsdp": fsdp}
 
-  def __init__(self, config: ml_collections.ConfigDict, *, batch: int, channels: int = 3):
+
+class OursTrain:
+  """Our jitted, donated train step on a fixed random batch; run(n) times n synchronised steps.
+
+  The state lies on config.mesh as in training (sharding.state_shardings), the batch over all devices.
+  compile_only: nothing is allocated or run (state bytes and XLA's memory analysis of models too large
+  to hold here).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, batch: int, channels: int = 3,
+               compile_only: bool = False):
     self.batch = batch
     self.dtype = config.model.dtype
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    mesh = sharding.create_mesh(config.mesh)
+    self.mesh = f"{mesh.shape[sharding.DATA]}x{mesh.shape[sharding.FSDP]}"
+    replicated, sharded = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
     model = models.create_model(config.model)
     d = config.diffusion
     schedule = schedules.create_schedule(
@@ -185,20 +207,31 @@ class OursTrain:
     size = config.data.image_size
     num_classes = config.model.num_classes
     init_rng, train_rng, data_rng = jax.random.split(jax.random.key(config.seed), 3)
-    init = jax.jit(functools.partial(train_step_lib.init_state, model=model, tx=tx,
-                                     image_shape=(size, size, channels), num_classes=num_classes),
-                   out_shardings=replicated)
-    self.state = init(init_rng)
+    init = functools.partial(train_step_lib.init_state, model=model, tx=tx,
+                             image_shape=(size, size, channels), num_classes=num_classes)
+    shapes = jax.eval_shape(init, init_rng)
+    state_shardings = sharding.state_shardings(shapes, mesh=mesh,
+                                               fsdp_min_size=config.mesh.fsdp_min_size)
+    if compile_only:
+      self.state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, state_shardings)
+      self.batch_data = {
+          "image": jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32, sharding=sharded),
+          "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharded)}
+    else:
+      self.state = jax.jit(init, out_shardings=state_shardings)(init_rng)
+      images = jax.random.normal(data_rng, (batch, size, size, channels))
+      labels = jnp.zeros((batch,), jnp.int32)
+      self.batch_data = jax.device_put({"image": images, "label": labels}, sharded)
+    self.state_bytes = sharding.bytes_per_device(self.state)
     self.num_params = models.count_params(self.state.params)
-    images = jax.random.normal(data_rng, (batch, size, size, channels))
-    labels = jnp.zeros((batch,), jnp.int32)
-    self.batch_data = jax.device_put({"image": images, "label": labels}, sharded)
     step = jax.jit(
         train_step_lib.make_train_step(
             model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
             hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
             num_classes=num_classes, ema_decay=config.optim.ema_decay, rng=train_rng),
-        in_shardings=(replicated, sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+        in_shardings=(state_shardings, sharded), out_shardings=(state_shardings, replicated),
+        donate_argnums=0)
     start = time.perf_counter()
     lowered = step.lower(self.state, self.batch_data)
     self.trace_s = time.perf_counter() - start
@@ -208,8 +241,10 @@ class OursTrain:
     flops = cost_flops(self.compiled)  # Per device: the batch is split over all of them.
     self.flops = flops and flops * jax.device_count()
     self.xla_memory = xla_memory_bytes(self.compiled)
-    self.run(2)  # Warm-up.
-    self.peak_memory = peak_memory()
+    self.peak_memory = (None, "not run")
+    if not compile_only:
+      self.run(2)  # Warm-up.
+      self.peak_memory = peak_memory()
 
   def run(self, n: int) -> list[float]:
     times = []
@@ -299,15 +334,18 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(rows: list[dict], title: str) -> None:
   print(f"\n{title}")
-  header = (f"{'name':20s} {'batch':>5s} {'compile s':>9s} {'step ms':>9s} {'img/s':>8s} "
-            f"{'peak MiB':>8s} {'XLA MiB':>8s} {'GFLOP/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s}  ours/peer")
+  header = (f"{'name':20s} {'batch':>5s} {'mesh':>5s} {'compile s':>9s} {'step ms':>9s} {'img/s':>8s} "
+            f"{'state MiB/dev':>13s} {'peak MiB':>8s} {'XLA MiB':>8s} {'GFLOP/step':>10s} {'TFLOP/s':>8s} "
+            f"{'MFU':>6s}  ours/peer")
   print(header)
   print("-" * len(header))
   for r in rows:
     mem = r.get("peak_memory_bytes")
     xla = r.get("xla_memory_bytes")
-    print(f"{r['name']:20s} {r['batch']:5d} {_fmt(r.get('compile_s'), '9.1f')} "
-          f"{r['step_s'] * 1e3:9.1f} {r['images_per_s']:8.1f} {_fmt(mem and mem / 2**20, '8.0f')} "
+    state = r.get("state_bytes_per_device")
+    print(f"{r['name']:20s} {r['batch']:5d} {r.get('mesh') or '-':>5s} {_fmt(r.get('compile_s'), '9.1f')} "
+          f"{r['step_s'] * 1e3:9.1f} {r['images_per_s']:8.1f} {_fmt(state and state / 2**20, '13.1f')} "
+          f"{_fmt(mem and mem / 2**20, '8.0f')} "
           f"{_fmt(xla and xla / 2**20, '8.0f')} {_fmt(r.get('flops') and r['flops'] / 1e9, '10.1f')} "
           f"{_fmt(r.get('tflops_per_s'), '8.3f')} {_fmt(r.get('mfu'), '6.1%')}  {ratio_text(r)}")
 
@@ -360,6 +398,12 @@ def parse_args(argv=None, *, description: str = __doc__) -> argparse.Namespace:
   parser.add_argument("--cpu_settings", default="config",
                       help=f"XLA:CPU settings, comma-separated, from {', '.join(CPU_SETTINGS)}; the first "
                            "is this process's, the others run in worker processes.")
+  parser.add_argument("--meshes", default=None,
+                      help="data x fsdp meshes to run each variant on, comma-separated, e.g. 8x1,2x4 "
+                           "(config.mesh; -1 = the rest); default the config's mesh.")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="Compile only (no state allocated, nothing timed): state bytes per device and "
+                           "XLA's memory analysis, for models too large for this host.")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json).")
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # Worker: --batch, --variant.
   parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -404,7 +448,8 @@ def apply_cpu_setting(name: str, base: ml_collections.ConfigDict, batch_sizes: l
 
 def ours_facts(ours: "OursTrain", config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The table row's facts about one compiled variant of our step."""
-  return dict(compile_s=ours.compile_s, trace_s=ours.trace_s, flops=ours.flops,
+  return dict(compile_s=ours.compile_s, trace_s=ours.trace_s, flops=ours.flops, mesh=ours.mesh,
+              state_bytes_per_device=ours.state_bytes,
               xla_memory_bytes=ours.xla_memory, peak_memory_bytes=ours.peak_memory[0],
               peak_memory_kind=ours.peak_memory[1] + " (running peak of this process)",
               params=ours.num_params, dtype=config.model.dtype,
@@ -413,16 +458,19 @@ def ours_facts(ours: "OursTrain", config: ml_collections.ConfigDict) -> dict[str
               devices=jax.device_count())
 
 
-def variant_config(base: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+def variant_config(base: ml_collections.ConfigDict, name: str,
+                   mesh: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(base.to_dict())
   config.model.update(VARIANTS[name])
+  if mesh:
+    config.mesh.update(parse_mesh(mesh))
   return config
 
 
 def serve(args, base, channels: int, cpu: dict) -> None:
   """Worker mode: our step for one batch and variant; JSON lines on stdout (see Worker)."""
   try:
-    config = variant_config(base, args.variant)
+    config = variant_config(base, args.variant, args.meshes)
     ours = OursTrain(config, batch=args.batch, channels=channels)
     facts = {**ours_facts(ours, config), "cpu": cpu}
   except Exception as e:  # pylint: disable=broad-except
@@ -441,35 +489,37 @@ def start_ours(args, base, batch: int, channels: int, results: dict) -> tuple[di
   """Compiles our step for each variant and CPU setting: runners and their table rows.
 
   The first CPU setting's variants run in this process and are named after the variant; the others run
-  in workers named "<variant>@<setting>". Failures go to variant_errors and the rest run on.
+  in workers named "<variant>@<setting>". With --meshes, "/<data>x<fsdp>" is added. Failures go to
+  variant_errors and the rest run on.
   """
   runners, rows = {}, {}
   settings = args.cpu_settings.split(",")
-  for setting in settings:
-    for name in args.variants.split(","):
-      label = name if setting == settings[0] else f"{name}@{setting}"
-      try:
-        if setting == settings[0]:
-          config = variant_config(base, name)
-          runner = OursTrain(config, batch=batch, channels=channels)
-          facts = {**ours_facts(runner, config), "cpu": results["device"]["cpu_setting"]}
-        else:
-          runner = start_worker(args, setting, name, batch)
-          facts = runner.info
-          if runner.error:
-            raise RuntimeError(runner.error)
-      except Exception as e:  # pylint: disable=broad-except
-        # E.g. cuDNN attention for a head size it lacks: recorded, and the other variants run on.
-        print(f"batch {batch} {label}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
-        results.setdefault("variant_errors", {})[f"{label}@{batch}"] = f"{type(e).__name__}: {e}"[:2000]
-        continue
-      runners[label] = runner
-      rows[label] = {**facts, "cpu_setting": setting}
-      print(f"batch {batch} {label}: compiled in {facts['compile_s']:.1f} s", flush=True)
+  meshes = args.meshes.split(",") if args.meshes else [None]
+  for setting, mesh, name in ((s, m, n) for s in settings for m in meshes
+                              for n in args.variants.split(",")):
+    label = (name if setting == settings[0] else f"{name}@{setting}") + (f"/{mesh}" if mesh else "")
+    try:
+      if setting == settings[0]:
+        config = variant_config(base, name, mesh)
+        runner = OursTrain(config, batch=batch, channels=channels, compile_only=args.compile_only)
+        facts = {**ours_facts(runner, config), "cpu": results["device"]["cpu_setting"]}
+      else:
+        runner = start_worker(args, setting, name, batch, mesh)
+        facts = runner.info
+        if runner.error:
+          raise RuntimeError(runner.error)
+    except Exception as e:  # pylint: disable=broad-except
+      # E.g. cuDNN attention for a head size it lacks: recorded, and the other variants run on.
+      print(f"batch {batch} {label}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
+      results.setdefault("variant_errors", {})[f"{label}@{batch}"] = f"{type(e).__name__}: {e}"[:2000]
+      continue
+    runners[label] = runner
+    rows[label] = {**facts, "cpu_setting": setting}
+    print(f"batch {batch} {label}: compiled in {facts['compile_s']:.1f} s", flush=True)
   return runners, rows
 
 
-def start_worker(args, setting: str, variant: str, batch: int) -> Worker:
+def start_worker(args, setting: str, variant: str, batch: int, mesh: str | None = None) -> Worker:
   """Our step in a fresh process under another CPU setting (XLA reads its flags once per process)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -479,6 +529,8 @@ def start_worker(args, setting: str, variant: str, batch: int) -> Worker:
          "--batch_sizes", args.batch_sizes]
   if args.quick:
     cmd.append("--quick")
+  if mesh:
+    cmd += ["--meshes", mesh]
   return Worker(cmd, env=env)
 
 
@@ -566,9 +618,22 @@ def main(argv=None) -> dict[str, Any]:
   if args.serve:
     serve(args, base, channels, results["device"]["cpu_setting"])
     return {}
+  if peer_python and base.model.name != "unet":
+    raise SystemExit(f"--peer: the PyTorch peer is the UNet; {args.config} has model {base.model.name!r}.")
+  for mesh in (args.meshes or "").split(",") if args.meshes else []:
+    try:
+      sharding.mesh_shape(ml_collections.ConfigDict(parse_mesh(mesh)), device_count=jax.device_count())
+    except ValueError as e:
+      raise SystemExit(f"--meshes {mesh}: {e}") from None
 
   for batch in map(int, args.batch_sizes.split(",")):
     runners, rows = start_ours(args, base, batch, channels, results)
+    if args.compile_only:
+      results["rows"] += [{"name": name, "batch": batch, **row} for name, row in rows.items()]
+      for name, row in rows.items():
+        print(f"{name:20s} batch {batch} mesh {row['mesh']}: state {row['state_bytes_per_device'] / 2**20:.1f}"
+              f" MiB per device, XLA memory analysis {row['xla_memory_bytes'] / 2**20:.1f} MiB per device")
+      continue
     if args.profile and runners:
       results.setdefault("profile_ms_per_step", {})[batch] = profile_steps(
           next(iter(runners.values())), os.path.join(args.profile, f"batch{batch}"))

@@ -111,6 +111,13 @@ def get_config() -> ml_collections.ConfigDict:
   eval_.nll_hutchinson = True  # Hutchinson-Skilling trace estimate in the PF-ODE; False = exact trace (D JVPs).
   eval_.step = ml_collections.config_dict.placeholder(int)  # Checkpoint to evaluate; None = every one not yet evaluated.
 
+  # Devices as a 2-D mesh (training/sharding.py): the batch is split over all of them; the large
+  # weights, their EMA and Adam's moments along "fsdp". data x fsdp = all devices; one may be -1.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Data-parallel size (replicas of each shard); -1 = the devices fsdp leaves.
+  mesh.fsdp = 1  # Devices a large weight is split over; 1 = pure data parallelism, -1 = the rest.
+  mesh.fsdp_min_size = 2**16  # Arrays with fewer elements (biases, norms) stay replicated.
+
   # JAX's CPU backend only (training/xla_cpu.py); XLA_FLAGS or JAX_NUM_CPU_DEVICES set by the user win.
   config.cpu = cpu = ml_collections.ConfigDict()
   cpu.devices = 1  # CPU devices per host (data parallel over the cores); 0 = one per core, at most 8, as the batch sizes allow.

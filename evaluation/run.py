@@ -43,8 +43,9 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
              step_key: str = "step") -> tuple[ml_collections.ConfigDict, Any, nn.Module, schedules.Schedule]:
   """(config, state, model, schedule) of the checkpoint at step (default: the latest) of workdir.
 
-  The config is the one saved with the checkpoint; state.ema_params are the sampling parameters,
-  replicated over mesh (default: every device). step_key names step in errors (a config key). The
+  The config is the one saved with the checkpoint; state.ema_params are the sampling parameters, laid
+  out on mesh (default: every device, replicated) by sharding.state_shardings, whatever the mesh the
+  checkpoint was saved from (Orbax reshards). step_key names step in errors (a config key). The
   latest is the newest checkpoint that restores (checkpoints.restore); an explicit step must restore.
   """
   manager = checkpoints.create_manager(workdir, read_only=True)

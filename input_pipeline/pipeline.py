@@ -35,7 +35,7 @@ def validate_data_config(data_config: Any, *, global_batch_size: int, process_co
 
   Checks the dataset name (a SOURCES name or a registered tfds dataset), image_size,
   resize, random_flip, num_workers, prefetch, and that config.training.batch_size splits
-  evenly over the processes (and over the mesh's "data" axis, where `mesh` is given).
+  evenly over the processes (and over the devices of `mesh`, where it is given).
   """
   name = data_config.name
   if not isinstance(name, str) or not name:
@@ -75,10 +75,10 @@ def validate_data_config(data_config: Any, *, global_batch_size: int, process_co
   if mesh is not None:
     if DATA_AXIS not in mesh.axis_names:
       raise ValueError(f"The mesh has no {DATA_AXIS!r} axis (axes: {mesh.axis_names}).")
-    if global_batch_size % mesh.shape[DATA_AXIS]:
+    if global_batch_size % mesh.size:
       raise ValueError(
-          f"config.training.batch_size={global_batch_size} is not divisible by the "
-          f"{mesh.shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis.")
+          f"config.training.batch_size={global_batch_size} is not divisible by the {mesh.size} "
+          f"devices of the mesh ({' x '.join(f'{k} {v}' for k, v in mesh.shape.items())}).")
 
 
 def build_process_batches(source: Any, *, image_size: int, resize: str, random_flip: bool,
@@ -159,7 +159,7 @@ class NumpyIterator(grain.DatasetIterator):
 
 
 class Dataset(grain.DatasetIterator):
-  """Global batches as jax.Arrays sharded over the mesh's "data" axis.
+  """Global batches as jax.Arrays, the batch dimension split over every device of the mesh.
 
   Yields {"image": float32 [G,H,W,C] in [-1, 1], "label": int32 [G]}. `prefetch` batches
   are kept on their way to the devices; get_state() is still the position after the last
@@ -172,7 +172,7 @@ class Dataset(grain.DatasetIterator):
     self.num_examples = host.num_examples
     self.num_classes = host.num_classes
     self.num_channels = host.num_channels
-    self.sharding = NamedSharding(mesh, P(DATA_AXIS))
+    self.sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # Over every device (data, fsdp).
     self._prefetch = prefetch
     self._in_flight = collections.deque()  # (device batch, host state after it).
     self._state = host.get_state()
@@ -242,7 +242,7 @@ def create_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     data_config: the config.data section.
     global_batch_size: batch size over all processes (config.training.batch_size).
     seed: seeds the shuffle and the flips (config.seed).
-    mesh: the batch dimension is sharded over its "data" axis.
+    mesh: the batch dimension is split over all its devices (axes "data" and "fsdp").
     process_index, process_count: default to jax.process_index(), jax.process_count().
   """
   process_index = jax.process_index() if process_index is None else process_index

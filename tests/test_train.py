@@ -232,8 +232,8 @@ def test_mesh_is_jax_make_mesh_over_every_device(monkeypatch):
   real = jax.make_mesh
   monkeypatch.setattr(jax, "make_mesh", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
   mesh = train_lib.create_mesh()
-  assert calls and mesh.shape == {"data": 8} and list(mesh.devices.flat) == jax.devices()
-  assert mesh.axis_types == (jax.sharding.AxisType.Auto,)  # jax.make_mesh's default is Explicit.
+  assert calls and mesh.shape == {"data": 8, "fsdp": 1} and list(mesh.devices.flat) == jax.devices()
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2  # jax.make_mesh's default is Explicit.
 
 
 def test_locked_config_rejects_a_misspelt_key():

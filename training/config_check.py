@@ -11,6 +11,7 @@ from diffusion import losses
 from diffusion import parameterization
 from diffusion import samplers
 from diffusion import schedules
+from training import sharding
 from training import train_step
 from training import xla_cpu
 
@@ -138,12 +139,23 @@ def validate_optim(optim: ml_collections.ConfigDict) -> None:
   _require(0 <= optim.ema_decay <= 1, f"config.optim.ema_decay={optim.ema_decay} must be in [0, 1].")
 
 
-def validate_training(training: ml_collections.ConfigDict, *, device_count: int) -> None:
+def validate_mesh(mesh: ml_collections.ConfigDict, *, device_count: int) -> tuple[int, int]:
+  """The (data, fsdp) sizes of config.mesh on device_count devices; ValueError naming the key."""
+  data, fsdp = sharding.mesh_shape(mesh, device_count=device_count)
+  min_size = mesh.fsdp_min_size
+  _require(isinstance(min_size, int) and not isinstance(min_size, bool) and min_size >= 0,
+           f"config.mesh.fsdp_min_size={min_size!r} must be an integer >= 0 (elements).")
+  return data, fsdp
+
+
+def validate_training(training: ml_collections.ConfigDict, *, device_count: int,
+                      mesh_shape: tuple[int, int] | None = None) -> None:
   _require(training.batch_size > 0, f"config.training.batch_size={training.batch_size} must be positive.")
-  _require(training.batch_size % device_count == 0,
-           f"config.training.batch_size={training.batch_size} is not divisible by the {device_count} "
-           "devices: the global batch is split evenly over all devices (on CPU, config.cpu.devices sets "
-           "how many).")
+  data, fsdp = mesh_shape or (device_count, 1)
+  _require(training.batch_size % (data * fsdp) == 0,
+           f"config.training.batch_size={training.batch_size} is not divisible by the {data * fsdp} "
+           f"devices (config.mesh.data x config.mesh.fsdp = {data} x {fsdp}): the global batch is split "
+           "evenly over all devices (on CPU, config.cpu.devices sets how many).")
   _require(training.num_steps >= 0, f"config.training.num_steps={training.num_steps} must be >= 0.")
   for key in ("log_every", "checkpoint_every", "max_to_keep"):
     _require(training[key] > 0, f"config.training.{key}={training[key]} must be positive.")
@@ -187,7 +199,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   validate_model(config.model, image_size=config.data.image_size)
   validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
   validate_optim(config.optim)
-  validate_training(config.training, device_count=device_count)
+  mesh_shape = validate_mesh(config.mesh, device_count=device_count)
+  validate_training(config.training, device_count=device_count, mesh_shape=mesh_shape)
   if config.training.sample_every:  # Settings of a disabled feature do not block a run.
     validate_sample(config.sample, device_count=device_count)
   xla_cpu.validate(config.cpu)

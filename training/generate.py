@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from diffusion import guidance
 from diffusion import samplers
 from diffusion import schedules
+from training import sharding
 from training import writers
 
 
@@ -73,7 +74,10 @@ class SampleOptions:
 
 
 class Sampler:
-  """Draws num images with given params: x_T and labels from the seed, batches sharded on 'data'."""
+  """Draws num images with given params: x_T and labels from the seed, batches over every device.
+
+  The params may be sharded (config.mesh.fsdp): the jitted sampler takes them as they lie.
+  """
 
   def __init__(self, *, model: nn.Module, schedule: schedules.Schedule, options: SampleOptions,
                mesh: jax.sharding.Mesh, image_shape: tuple[int, ...], num_classes: int):
@@ -84,7 +88,7 @@ class Sampler:
     # rows kept are the same whatever the padding: with jax's partitionable threefry a draw of shape
     # [n + k, ...] begins with the draw of shape [n, ...].
     self._padded_batch = -(-options.batch_size // mesh.size) * mesh.size
-    self._batch_sharding = NamedSharding(mesh, P("data"))
+    self._batch_sharding = sharding.batch_sharding(mesh)  # Along "data" and "fsdp".
     self._replicated = NamedSharding(mesh, P())
 
     def sample_batch(params, labels, rng):

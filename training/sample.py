@@ -35,13 +35,15 @@ def unique_path(directory: str, stem: str, suffixes: tuple[str, ...]) -> str:
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Draws config.sample.num images from the EMA params; returns the path stem of the files written."""
   config_check.validate_sample(config.sample, device_count=jax.device_count())
-  trained, state, model, schedule = run_lib.load_run(workdir, config.sample.checkpoint_step,
+  config_check.validate_mesh(config.mesh, device_count=jax.device_count())
+  mesh = train_lib.create_mesh(config.mesh)  # This run's mesh, whatever the checkpoint was trained on.
+  trained, state, model, schedule = run_lib.load_run(workdir, config.sample.checkpoint_step, mesh=mesh,
                                                      step_key="config.sample.checkpoint_step")
   step = int(state.step)
   # The checkpoint's own model and schedule; the sampling settings of the command line.
   trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
   sampler = generate.Sampler.from_config(trained, model=model, schedule=schedule,
-                                         mesh=train_lib.create_mesh(),
+                                         mesh=mesh,
                                          image_shape=run_lib.image_shape(workdir, step))
   start = time.perf_counter()
   images, labels = sampler.sample(state.ema_params, seed=trained.sample.seed, num=trained.sample.num)

@@ -20,17 +20,17 @@ from diffusion import schedules
 from training import checkpoints
 from training import config_check
 from training import generate
+from training import sharding
 from training import train_step as train_step_lib
 from training import writers
 
 
-def create_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device of every process; the batch is split along its 'data' axis.
+def create_mesh(mesh_config: ml_collections.ConfigDict | None = None) -> jax.sharding.Mesh:
+  """The ("data", "fsdp") mesh of config.mesh over all devices of all processes (sharding.py).
 
-  jax.make_mesh orders the devices for the interconnect (each process's devices together); the axis
-  is Auto (sharding follows in_shardings/out_shardings), as jax.make_mesh's default differs by version.
+  Without mesh_config: pure data parallelism, every device on "data".
   """
-  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return sharding.create_mesh(mesh_config)
 
 
 def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Schedule:
@@ -45,14 +45,15 @@ def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Sc
 
 def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...],
                    mesh: jax.sharding.Mesh):
-  """Shapes, dtypes and (replicated) shardings of the train state, without allocating it."""
+  """Shapes, dtypes and shardings (sharding.state_shardings) of the train state, not allocated."""
   model = models.create_model(config.model)
   tx, _ = train_step_lib.create_optimizer(config.optim)
   init = functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
                            num_classes=config.model.num_classes)
   shapes = jax.eval_shape(init, jax.random.key(0))
-  replicated = NamedSharding(mesh, P())
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  shardings = sharding.state_shardings(shapes, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      shardings)
 
 
 class _Preemption:
@@ -103,7 +104,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   config_check.validate_config(config, device_count=jax.device_count(),
                                process_count=jax.process_count())
   checkpoints.check_workdir(workdir)
-  mesh = create_mesh()
+  mesh = create_mesh(config.mesh)
+  logging.info("Mesh: data %d x fsdp %d.", mesh.shape[sharding.DATA], mesh.shape[sharding.FSDP])
   data = input_pipeline.create_dataset(config.data, global_batch_size=config.training.batch_size,
                                        seed=config.seed, mesh=mesh)
   config_check.validate_against_data(config, num_classes=data.num_classes)
@@ -129,6 +131,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
   """train()'s restore and loop, with the checkpoint manager and data iterator it closes afterwards."""
   replicated = NamedSharding(mesh, P())
   target = abstract_state(config, image_shape=image_shape, mesh=mesh)
+  state_shardings = jax.tree.map(lambda s: s.sharding, target)
+  logging.info("Train state: %.1f MiB per device.", sharding.bytes_per_device(target) / 2**20)
   # Nothing is written into the workdir before the checkpoint's config has been checked.
   restored = checkpoints.restore(manager, target, data_iterator=data, config=config,
                                  image_shape=image_shape)
@@ -136,7 +140,7 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
   if restored is None:
     init = jax.jit(functools.partial(train_step_lib.init_state, model=model, tx=tx,
                                      image_shape=image_shape, num_classes=config.model.num_classes),
-                   out_shardings=replicated)
+                   out_shardings=state_shardings)
     state = init(init_rng)
     logging.info("Initialised %s parameters.", f"{models.count_params(state.params):,}")
   else:
@@ -149,8 +153,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
           model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
           hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
           num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=train_rng),
-      in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, replicated), donate_argnums=0)
   sampler = None
   if config.training.sample_every:
     sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
