@@ -18,7 +18,7 @@ def get_config():
 
   config.model.name = "autoencoder"
   ae = config.model.autoencoder
-  ae.ch = 32
+  ae.ch = 16
   ae.ch_mult = (1, 2, 2)  # Factor 4: 32x32 -> 8x8.
   ae.num_res_blocks = 1
   ae.latent_channels = 4
@@ -34,10 +34,10 @@ def get_config():
   config.optim.ema_decay = 0.99
 
   config.training.batch_size = 32
-  config.training.num_steps = 1500
+  config.training.num_steps = 600
   config.training.log_every = 100
-  config.training.sample_every = 500
-  config.training.checkpoint_every = 500
+  config.training.sample_every = 200
+  config.training.checkpoint_every = 200
   config.training.keep_every = 0
 
   config.sample.num = 32  # Held-out images reconstructed for PSNR and grids.
