@@ -1,4 +1,4 @@
-"""Trains and samples diffusion models.
+"""Trains and samples diffusion models, and trains their KL autoencoders.
 
 This file is intentionally kept short: the logic lives in libraries that can be imported in a notebook.
 
@@ -69,10 +69,13 @@ def main(argv):
   from evaluation import fid  # pylint: disable=g-import-not-at-top
   from training import checkpoints  # pylint: disable=g-import-not-at-top
   from training import sample  # pylint: disable=g-import-not-at-top
+  from training import tasks  # pylint: disable=g-import-not-at-top
   from training import train  # pylint: disable=g-import-not-at-top
 
   modes = {"train": train.train, "sample": sample.sample, "fid_stats": fid.compute_reference_stats,
            "eval": evaluate.evaluate}
+  if FLAGS.config.model.name == "autoencoder":
+    modes.update(tasks.AUTOENCODER_MODES)  # sample reconstructs held-out images; eval refuses.
   try:
     checkpoints.check_workdir(FLAGS.workdir)
     modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)

@@ -16,9 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = True  # Random horizontal flip of training images.
   data.num_workers = 0  # grain worker processes per host; 0 reads in the main process.
   data.prefetch = 2  # Batches prefetched to the devices ahead of the train step.
+  data.holdout_split = ml_collections.config_dict.placeholder(str)  # Autoencoder runs: split whose first sample.num images are reconstructed (PSNR, grids); None = config.data.split.
 
   config.model = model = ml_collections.ConfigDict()
-  model.name = "unet"  # Backbone in models.MODELS: "unet" (DDPM/ADM) or "dit" (Peebles & Xie 2023); its knobs are in config.model.<name>.
+  model.name = "unet"  # Network in models.MODELS: "unet" (DDPM/ADM), "dit" (Peebles & Xie 2023) or "autoencoder" (trains the KL autoencoder); its knobs are in config.model.<name>.
   model.num_classes = 0  # Class-conditional if > 0; label num_classes is the "null" class.
   model.dtype = "float32"  # Compute dtype, "float32" or "bfloat16" (params, optimizer state, EMA and loss stay float32).
   model.attention = "xla"  # jax.nn.dot_product_attention implementation: None (jax picks), "xla" or "cudnn" (GPU, bfloat16).
@@ -41,6 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
   dit.num_heads = 6  # Attention heads (S 6, B 12, L 16, XL 16).
   dit.mlp_ratio = 4.0  # MLP width / hidden size.
 
+  model.autoencoder = autoencoder = ml_collections.ConfigDict()  # models/autoencoder.py; the defaults are Stable Diffusion's factor-8 autoencoder.
+  autoencoder.ch = 128  # Base channel count.
+  autoencoder.ch_mult = (1, 2, 4, 4)  # Channel multiplier per level; downsampling factor 2^(len - 1).
+  autoencoder.num_res_blocks = 2  # ResNet blocks per encoder level (the decoder has one more).
+  autoencoder.latent_channels = 4  # Channels of the latents.
+  autoencoder.groups = 32  # GroupNorm groups; they must divide ch * every multiplier.
+  autoencoder.mid_attention = True  # Self-attention in the middle of encoder and decoder.
+  autoencoder.use_quant_conv = True  # 1x1 convolutions between moments and latents (as SD).
+
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = "vp"  # Forward process: "vp" (config.diffusion.schedule), "edm" (Karras et al. 2022, sigma_min..sigma_max) or "flow" (x_t = (1 - t) x0 + t eps); edm and flow need num_timesteps=0.
   diffusion.schedule = "linear"  # "vp" process: "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).
@@ -61,6 +71,19 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.logit_std = 1.0  # "logit_normal": standard deviation s of logit(t) (> 0).
   diffusion.p_uncond = 0.0  # Probability of dropping the label (classifier-free guidance training).
   diffusion.model_time = "index"  # Network time input: "index" (1000 t, step i as i), "index_from_zero" (step i as i - 1: DDPM's code, diffusers; converted checkpoints) or "c_noise" (ln(sigma) / 4, EDM).
+
+  # config.model.name="autoencoder" only: the loss of Rombach et al. 2022 (taming's LPIPSWithDiscriminator).
+  config.autoencoder_loss = ae_loss = ml_collections.ConfigDict()
+  ae_loss.reconstruction = "l1"  # Pixel loss, summed over pixels, averaged over images: "l1" or "l2".
+  ae_loss.kl_weight = 1e-6  # Weight of KL(q(z|x) || N(0, I)), summed over latents (SD: 1e-6).
+  ae_loss.sample_posterior = True  # Decode a posterior sample (SD) rather than its mean when training.
+  ae_loss.disc_weight = 0.0  # PatchGAN hinge-loss weight; 0 = no discriminator (none in the state).
+  ae_loss.disc_start = 0  # Step from which the discriminator trains and its loss reaches the generator.
+  ae_loss.disc_ch = 64  # Channels of the discriminator's first convolution.
+  ae_loss.disc_layers = 3  # Stride-2 convolutions of the discriminator (taming's n_layers).
+  ae_loss.adaptive_weight = True  # Scale the GAN loss by ||grad L_rec|| / ||grad L_GAN|| at the decoder's last layer (Esser et al. 2021, Eq. 7).
+  ae_loss.lpips_weight = 0.0  # Weight of the LPIPS perceptual distance in the reconstruction loss; 0 disables.
+  ae_loss.lpips_path = "~/.cache/lpips/vgg16_lpips.npz"  # LPIPS-VGG weights converted by scripts/convert_lpips.py.
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.

@@ -16,6 +16,7 @@ otherwise set config.data.data_dir=DIR. The Python equivalent is
 """
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -42,12 +43,12 @@ class DigitsSource:
   Items are {"image": uint8 [image_size, image_size, 1], "label": int}.
   """
 
-  def __init__(self, image_size: int):
+  def __init__(self, image_size: int, examples: slice = slice(None)):
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
 
     digits = datasets.load_digits()
-    self._images = digits.images.astype(np.float32)  # [1797, 8, 8], 0..16.
-    self._labels = digits.target.astype(np.int64)
+    self._images = digits.images.astype(np.float32)[examples]  # [1797, 8, 8], 0..16.
+    self._labels = digits.target.astype(np.int64)[examples]
     self._image_size = image_size
 
   def __len__(self) -> int:
@@ -67,9 +68,14 @@ class DigitsSource:
 def open_digits(*, split: str, data_dir: str | None, image_size: int) -> SourceInfo:
   """Opens sklearn's digits; they ship with scikit-learn, so nothing is downloaded."""
   del data_dir  # Unused.
-  if split != "train":
-    raise ValueError(f"config.data.split={split!r} is not one of train (the only split of digits).")
-  return SourceInfo(DigitsSource(image_size), num_classes=10, num_channels=1, has_label=True)
+  # tfds's slicing syntax, in examples: "train[:1597]" and "train[1597:]" hold images out.
+  match = re.fullmatch(r"train(?:\[(-?\d*):(-?\d*)\])?", split)
+  if not match:
+    raise ValueError(f"config.data.split={split!r} is not one of train or a slice of it like "
+                     "train[:1597] (train is the only split of digits).")
+  start, stop = (int(v) if v else None for v in match.groups(default=""))
+  return SourceInfo(DigitsSource(image_size, slice(start, stop)), num_classes=10, num_channels=1,
+                    has_label=True)
 
 
 def prepare_command(name: str, data_dir: str | None) -> str:

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.autoencoder import AutoencoderKL
 from models.dit import DiT
 from models.unet import UNet
 
 # config.model.name -> the backbone; its own knobs are config.model.<name>, the shared ones config.model.*.
-MODELS = {"unet": UNet, "dit": DiT}
+MODELS = {"unet": UNet, "dit": DiT, "autoencoder": AutoencoderKL}
 SHARED_FIELDS = ("num_classes", "dtype", "attention", "remat")
 # config.model.dtype: the compute dtype; parameters, optimizer state and EMA stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,10 +28,11 @@ def model_fields(model_config: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"config.model.name={name!r} is not one of {', '.join(MODELS)}.")
   if not isinstance(fields.get(name), Mapping):
     raise ValueError(f"config.model.{name} is missing: the section of the {name!r} model's own knobs.")
-  shared = {k: fields[k] for k in SHARED_FIELDS if k in fields}
-  own = dict(fields[name])
   cls = MODELS[name]
   allowed = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+  # The shared keys a model has no field for (an autoencoder's num_classes) do not apply to it.
+  shared = {k: fields[k] for k in SHARED_FIELDS if k in fields and k in allowed}
+  own = dict(fields[name])
   unknown = sorted(set(own) - set(allowed))
   if unknown:
     raise ValueError(f"config.model.{name}.{unknown[0]} is not a field of {cls.__name__}; "

@@ -48,9 +48,54 @@ def load(directory: str, *, kind: str) -> tuple[dict[str, Any], Any]:
 
 
 def load_autoencoder(directory: str) -> tuple[autoencoder.AutoencoderKL, Any, dict[str, Any]]:
-  """(module, params, description) of a converted KL autoencoder (scripts/convert_diffusers_vae.py)."""
-  description, params = load(directory, kind="autoencoder_kl")
-  return autoencoder.AutoencoderKL(**description["kwargs"]), params, description
+  """(module, params, description) of a KL autoencoder: converted, or a workdir trained here.
+
+  A converted one (scripts/convert_diffusers_vae.py) has model.json; a workdir trained with
+  config.model.name="autoencoder" has config.json and checkpoints/, and gives the EMA parameters of its
+  latest readable checkpoint, with description {"kind", "kwargs", "step", "source"}.
+  """
+  path = os.path.abspath(os.path.expanduser(directory))
+  if os.path.exists(os.path.join(path, "model.json")):
+    description, params = load(directory, kind="autoencoder_kl")
+    return autoencoder.AutoencoderKL(**description["kwargs"]), params, description
+  config_path = os.path.join(path, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      name = json.load(f).get("model", {}).get("name")
+    if name == "autoencoder":
+      return _load_trained_autoencoder(path)
+    raise ValueError(f"{path} is a workdir of config.model.name={name!r}, not of an autoencoder "
+                     "(config.model.name='autoencoder').")
+  raise FileNotFoundError(f"{path} is not a KL autoencoder: expected a converted model (model.json and "
+                          "params/, scripts/convert_diffusers_vae.py) or the workdir of a run trained "
+                          "with config.model.name='autoencoder' (config.json and checkpoints/).")
+
+
+def _load_trained_autoencoder(workdir: str) -> tuple[autoencoder.AutoencoderKL, Any, dict[str, Any]]:
+  """The latest readable checkpoint's EMA parameters of an autoencoder workdir."""
+  # pylint: disable=g-import-not-at-top
+  from training import checkpoints
+  from training import tasks
+  from training import train as train_lib
+  # pylint: enable=g-import-not-at-top
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  try:
+    if manager.latest_step() is None:
+      raise FileNotFoundError(f"{workdir} is an autoencoder workdir without checkpoints: train it first.")
+    mesh = train_lib.create_mesh()
+    state, step = checkpoints.restore(
+        manager, lambda saved, shape: train_lib.abstract_state(saved, image_shape=shape, mesh=mesh))
+    config = checkpoints.restore_config(workdir, step)
+    shape = checkpoints.restore_image_shape(manager, step)
+  finally:
+    manager.close()
+  model = tasks.autoencoder_model(config.model, channels=shape[-1])
+  kwargs = {f: getattr(model, f) for f in ("ch", "ch_mult", "num_res_blocks", "latent_channels",
+                                           "out_channels", "groups", "mid_attention", "use_quant_conv")}
+  kwargs["ch_mult"] = list(kwargs["ch_mult"])
+  description = {"kind": "autoencoder_kl", "kwargs": kwargs, "step": int(step), "source": workdir,
+                 "image_shape": list(shape)}
+  return model, jax.tree.map(np.asarray, jax.device_get(state.ema_params)), description
 
 
 def load_text_encoder(directory: str) -> tuple[clip.CLIPTextTransformer, Any, dict[str, Any]]:

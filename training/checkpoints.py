@@ -44,6 +44,13 @@ DERIVED_STATE_KEYS = {
     "image shape [H, W, C] (config.data.image_size, the dataset's channels)":
         lambda config, image_shape: list(image_shape),
 }
+# An autoencoder run (config.model.name="autoencoder") has no config.diffusion; its state is defined by
+# config.model, DERIVED_STATE_KEYS and whether it has a discriminator, and of which shape.
+AUTOENCODER_STATE_KEYS = {
+    "autoencoder_loss.disc_weight > 0": lambda config, image_shape: config["autoencoder_loss"]["disc_weight"] > 0,
+    "autoencoder_loss.disc_ch": lambda config, image_shape: config["autoencoder_loss"]["disc_ch"],
+    "autoencoder_loss.disc_layers": lambda config, image_shape: config["autoencoder_loss"]["disc_layers"],
+}
 
 
 class CheckpointError(ValueError):
@@ -149,13 +156,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def state_defining(config: dict[str, Any], image_shape: tuple[int, ...]) -> dict[str, Any]:
   """The values a checkpoint's state depends on (STATE_SECTIONS, DERIVED_STATE_KEYS), by key.
 
-  Of the backbones' own sections (config.model.<name>) only the one of config.model.name counts.
+  Of the models' own sections (config.model.<name>) only the one of config.model.name counts.
   """
   unused = tuple(f"model.{name}." for name in models.MODELS if name != config["model"]["name"])
+  autoencoder = config["model"]["name"] == "autoencoder"
+  sections = ("model",) if autoencoder else STATE_SECTIONS
   values = {key: value for key, value in _flatten(config).items()
-            if key.split(".")[0] in STATE_SECTIONS and key not in RESUMABLE_KEYS
+            if key.split(".")[0] in sections and key not in RESUMABLE_KEYS
             and not key.startswith(unused)}
-  values.update({key: fn(config, image_shape) for key, fn in DERIVED_STATE_KEYS.items()})
+  derived = {**DERIVED_STATE_KEYS, **(AUTOENCODER_STATE_KEYS if autoencoder else {})}
+  values.update({key: fn(config, image_shape) for key, fn in derived.items()})
   return values
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 import input_pipeline
@@ -11,6 +13,7 @@ from diffusion import losses
 from diffusion import parameterization
 from diffusion import samplers
 from diffusion import schedules
+from training import autoencoder_step
 from training import sharding
 from training import train_step
 from training import xla_cpu
@@ -60,8 +63,25 @@ def _validate_dit(dit: ml_collections.ConfigDict, *, image_size: int) -> None:
            "by 4 (2-D sin-cos position embeddings).")
 
 
+def _validate_autoencoder(autoencoder: ml_collections.ConfigDict, *, image_size: int) -> None:
+  for key in ("ch", "num_res_blocks", "latent_channels", "groups"):
+    _require(isinstance(autoencoder[key], int) and autoencoder[key] > 0,
+             f"config.model.autoencoder.{key}={autoencoder[key]!r} must be a positive integer.")
+  ch_mult = tuple(autoencoder.ch_mult)
+  _require(len(ch_mult) > 0 and all(isinstance(m, int) and m > 0 for m in ch_mult),
+           f"config.model.autoencoder.ch_mult={ch_mult} must be a non-empty tuple of positive ints.")
+  for mult in ch_mult:
+    _require((autoencoder.ch * mult) % autoencoder.groups == 0,
+             f"config.model.autoencoder.groups={autoencoder.groups} does not divide the "
+             f"{autoencoder.ch * mult} channels of a level with ch_mult {mult}.")
+  factor = 2 ** (len(ch_mult) - 1)
+  _require(image_size % factor == 0,
+           f"config.data.image_size={image_size} is not divisible by {factor}, the autoencoder's "
+           f"downsampling for config.model.autoencoder.ch_mult={ch_mult}.")
+
+
 # config.model.name -> the checks of its config.model.<name> section.
-_MODEL_CHECKS = {"unet": _validate_unet, "dit": _validate_dit}
+_MODEL_CHECKS = {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}
 
 
 def validate_model(model: ml_collections.ConfigDict, *, image_size: int) -> None:
@@ -126,6 +146,33 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
   _require(model_time != "index_from_zero" or diffusion.num_timesteps > 0,
            "config.diffusion.model_time='index_from_zero' numbers discrete steps; it needs "
            f"config.diffusion.num_timesteps > 0, got {diffusion.num_timesteps}.")
+
+
+def validate_autoencoder_loss(loss: ml_collections.ConfigDict, *, image_size: int) -> None:
+  """config.autoencoder_loss, including that the LPIPS weights exist when the term is on."""
+  _choice("autoencoder_loss.reconstruction", loss.reconstruction, autoencoder_step.RECONSTRUCTIONS)
+  for key in ("kl_weight", "disc_weight", "lpips_weight"):
+    _require(loss[key] >= 0, f"config.autoencoder_loss.{key}={loss[key]} must be >= 0 (0 disables).")
+  for key in ("sample_posterior", "adaptive_weight"):
+    _require(isinstance(loss[key], bool), f"config.autoencoder_loss.{key}={loss[key]!r} is not one of "
+             "False, True.")
+  _require(isinstance(loss.disc_start, int) and loss.disc_start >= 0,
+           f"config.autoencoder_loss.disc_start={loss.disc_start!r} must be an integer step >= 0.")
+  _require(isinstance(loss.disc_ch, int) and loss.disc_ch > 0,
+           f"config.autoencoder_loss.disc_ch={loss.disc_ch!r} must be a positive integer.")
+  _require(isinstance(loss.disc_layers, int) and loss.disc_layers > 0,
+           f"config.autoencoder_loss.disc_layers={loss.disc_layers!r} must be a positive integer.")
+  if loss.disc_weight > 0:
+    patches = image_size // 2**loss.disc_layers - 2
+    _require(patches >= 1, f"config.autoencoder_loss.disc_layers={loss.disc_layers} halves "
+             f"config.data.image_size={image_size} to nothing ({patches} patches); use fewer layers.")
+  if loss.lpips_weight > 0:
+    _require(image_size >= 16, f"config.autoencoder_loss.lpips_weight > 0 needs config.data.image_size "
+             f">= 16 (VGG16 pools four times), got {image_size}.")
+    path = os.path.expanduser(loss.lpips_path)
+    _require(os.path.isfile(path), f"config.autoencoder_loss.lpips_path={loss.lpips_path!r} does not "
+             "exist, and config.autoencoder_loss.lpips_weight > 0 needs the LPIPS-VGG weights: convert "
+             "them with scripts/convert_lpips.py, or set lpips_weight=0.")
 
 
 def validate_optim(optim: ml_collections.ConfigDict) -> None:
@@ -197,7 +244,10 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   input_pipeline.validate_data_config(config.data, global_batch_size=config.training.batch_size,
                                       process_count=process_count)
   validate_model(config.model, image_size=config.data.image_size)
-  validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+  if config.model.name == "autoencoder":
+    validate_autoencoder_loss(config.autoencoder_loss, image_size=config.data.image_size)
+  else:
+    validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
   validate_optim(config.optim)
   mesh_shape = validate_mesh(config.mesh, device_count=device_count)
   validate_training(config.training, device_count=device_count, mesh_shape=mesh_shape)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import time
@@ -19,8 +18,8 @@ import models
 from diffusion import schedules
 from training import checkpoints
 from training import config_check
-from training import generate
 from training import sharding
+from training import tasks
 from training import train_step as train_step_lib
 from training import writers
 
@@ -46,10 +45,7 @@ def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Sc
 def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...],
                    mesh: jax.sharding.Mesh):
   """Shapes, dtypes and shardings (sharding.state_shardings) of the train state, not allocated."""
-  model = models.create_model(config.model)
-  tx, _ = train_step_lib.create_optimizer(config.optim)
-  init = functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
-                           num_classes=config.model.num_classes)
+  init = tasks.create_task(config, image_shape=image_shape, rng=jax.random.key(0)).init_state
   shapes = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding.state_shardings(shapes, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
@@ -110,24 +106,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
                                        seed=config.seed, mesh=mesh)
   config_check.validate_against_data(config, num_classes=data.num_classes)
   image_shape = (config.data.image_size, config.data.image_size, data.num_channels)
-  model = models.create_model(config.model)
-  schedule = create_schedule(config.diffusion)
-  tx, lr_fn = train_step_lib.create_optimizer(config.optim)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  task = tasks.create_task(config, image_shape=image_shape, rng=train_rng, mesh=mesh)
 
   manager = checkpoints.create_manager(workdir, max_to_keep=config.training.max_to_keep,
                                        keep_every=config.training.keep_every)
   try:
     return _train(config, workdir, manager=manager, data=data, mesh=mesh, image_shape=image_shape,
-                  model=model, schedule=schedule, tx=tx, lr_fn=lr_fn, init_rng=init_rng,
-                  train_rng=train_rng)
+                  task=task, init_rng=init_rng)
   finally:
     manager.close()  # Waits for the saves in flight; its background threads end here, error or not.
     data.close()
 
 
-def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule, tx, lr_fn, init_rng,
-           train_rng):
+def _train(config, workdir, *, manager, data, mesh, image_shape, task, init_rng):
   """train()'s restore and loop, with the checkpoint manager and data iterator it closes afterwards."""
   replicated = NamedSharding(mesh, P())
   target = abstract_state(config, image_shape=image_shape, mesh=mesh)
@@ -138,27 +130,16 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
                                  image_shape=image_shape)
   _write_config(workdir, config)
   if restored is None:
-    init = jax.jit(functools.partial(train_step_lib.init_state, model=model, tx=tx,
-                                     image_shape=image_shape, num_classes=config.model.num_classes),
-                   out_shardings=state_shardings)
-    state = init(init_rng)
+    state = jax.jit(task.init_state, out_shardings=state_shardings)(init_rng)
     logging.info("Initialised %s parameters.", f"{models.count_params(state.params):,}")
   else:
     state, step = restored
     logging.info("Resumed from the checkpoint at step %d in %s.", step, manager.directory)
   start_step = int(state.step)
 
-  step_fn = jax.jit(
-      train_step_lib.make_train_step(
-          model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
-          hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
-          num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=train_rng),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, replicated), donate_argnums=0)
-  sampler = None
-  if config.training.sample_every:
-    sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
-                                           image_shape=image_shape)
+  step_fn = jax.jit(task.train_step,
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
   writer = writers.MetricWriter(os.path.join(workdir, "train"))
   num_steps = config.training.num_steps
@@ -182,8 +163,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
       while step < num_steps:
         batch = next(data)
         if step == start_step and jax.process_count() > 1:
-          step_fn = _compile_on_every_process(step_fn, state, batch)
-        state, metrics = step_fn(state, batch)
+          step_fn = _compile_on_every_process(step_fn, state, batch, task.constants)
+        state, metrics = step_fn(state, batch, task.constants)
         step += 1
         if pending is not None:
           window.append(check(pending))
@@ -194,7 +175,7 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
           window.append(check(pending))
           pending = None
           elapsed = time.perf_counter() - window_start
-          scalars = {k: float(np.mean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+          scalars = {k: float(np.mean([m[k] for m in window])) for k in task.metric_names}
           scalars["learning_rate"] = float(window[-1]["learning_rate"])
           scalars["steps_per_sec"] = len(window) / elapsed
           scalars["images_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size
@@ -203,12 +184,14 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
           progress.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
           window, window_start = [], time.perf_counter()
 
-        if sampler is not None and step % config.training.sample_every == 0:
-          images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
-          grid = writers.image_grid(images, cols=config.model.num_classes or None)
+        if task.visualise is not None and step % config.training.sample_every == 0:
+          grid, visual_scalars = task.visualise(state)
           if jax.process_index() == 0:
-            writers.save_png(os.path.join(workdir, "samples", f"train_step_{step:08d}.png"), grid)
-          writer.write_image(step, "samples", grid)
+            writers.save_png(os.path.join(workdir, "samples", f"{task.png_prefix}{step:08d}.png"), grid)
+          writer.write_image(step, task.image_tag, grid)
+          if visual_scalars:
+            writer.write_scalars(step, visual_scalars)
+            writers.log_scalars(step, visual_scalars)
 
         preempted = preemption.reached()
         if step % config.training.checkpoint_every == 0 or step == num_steps or preempted:
@@ -228,14 +211,14 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
   return state
 
 
-def _compile_on_every_process(step_fn, state, batch):
+def _compile_on_every_process(step_fn, state, batch, constants):
   """The step compiled ahead of time, once every process has it.
 
   A process whose compilation is a cache hit would otherwise wait in the step's first collective
   while another still compiles, and the collectives' set-up (gloo on CPU) times out after 30 s.
   """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  compiled = step_fn.lower(state, batch).compile()
+  compiled = step_fn.lower(state, batch, constants).compile()
   multihost_utils.sync_global_devices("train step compiled")
   return compiled
 
