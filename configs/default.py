@@ -51,7 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.loss_weighting = "simple"  # "simple" (DDPM) or "min_snr" (Hang et al. 2023).
   diffusion.min_snr_gamma = 5.0  # gamma of min-SNR weighting.
   diffusion.p_uncond = 0.0  # Probability of dropping the label (classifier-free guidance training).
+  diffusion.inpaint_training = False  # Train an inpainting model (SD-inpainting): random masks; the input adds the mask and the masked image's latents (or pixels), C + 1 channels.
   diffusion.model_time = "index"  # Network time input: "index" (1000 t, step i as i) or "index_from_zero" (step i as i - 1: DDPM's code, diffusers; converted checkpoints).
+
+  # Latent diffusion (Rombach et al. 2022): the diffusion model runs on a frozen autoencoder's latents.
+  config.latent = latent = ml_collections.ConfigDict()
+  latent.autoencoder = ml_collections.config_dict.placeholder(str)  # Converted autoencoder directory (scripts/convert_diffusers_vae.py); None = pixel space.
+  latent.scale_factor = ml_collections.config_dict.placeholder(float)  # Latents are multiplied by it (0.18215 for SD 1.x); None = 1/std of the first training latents, saved with the run.
+  latent.scale_batches = 4  # Training batches whose latents estimate the scale factor when it is None.
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.
@@ -87,6 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   sample.num = 64  # Images drawn (grid during training; total in --mode=sample).
   sample.seed = 0  # Seed of the starting noise.
   sample.batch_size = 64  # Global batch of one sampling call.
+  sample.image = ml_collections.config_dict.placeholder(str)  # --mode=sample: inpaint this PNG (config.data.image_size square, the data's channels); needs sample.mask.
+  sample.mask = ml_collections.config_dict.placeholder(str)  # PNG of the same size, values 0/255: white (255) = keep, black (0) = fill.
 
   config.eval = eval_ = ml_collections.ConfigDict()
   eval_.inception_path = "~/.cache/fid/pt_inception-2015-12-05.npz"  # FID Inception weights, converted by scripts/convert_inception.py.

@@ -20,6 +20,7 @@ from diffusion import schedules
 from training import checkpoints
 from training import config_check
 from training import generate
+from training import spaces
 from training import train_step as train_step_lib
 from training import writers
 
@@ -48,7 +49,8 @@ def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   model = models.create_model(config.model)
   tx, _ = train_step_lib.create_optimizer(config.optim)
   init = functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
-                           num_classes=config.model.num_classes)
+                           num_classes=config.model.num_classes,
+                           concat_channels=spaces.concat_channels(config, image_shape))
   shapes = jax.eval_shape(init, jax.random.key(0))
   replicated = NamedSharding(mesh, P())
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
@@ -99,14 +101,24 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.TrainState:
   """Trains (or resumes training) the model of config in workdir; returns the final state."""
+  config_check.validate_latent(config)
+  autoencoder = None
+  if config.latent.autoencoder is not None:
+    autoencoder = spaces.load_autoencoder(config.latent.autoencoder)
   config_check.validate_config(config, device_count=jax.device_count(),
-                               process_count=jax.process_count())
+                               process_count=jax.process_count(),
+                               latent_factor=autoencoder[0].downsampling_factor if autoencoder else 1)
   checkpoints.check_workdir(workdir)
   mesh = create_mesh()
   data = input_pipeline.create_dataset(config.data, global_batch_size=config.training.batch_size,
                                        seed=config.seed, mesh=mesh)
-  config_check.validate_against_data(config, num_classes=data.num_classes)
-  image_shape = (config.data.image_size, config.data.image_size, data.num_channels)
+  try:
+    config_check.validate_against_data(config, num_classes=data.num_classes)
+    config, space = _create_space(config, workdir, data=data, autoencoder=autoencoder)
+  except BaseException:
+    data.close()
+    raise
+  image_shape = space.shape  # The diffusion model's input: the images, or their latents.
   model = models.create_model(config.model)
   schedule = create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
@@ -115,16 +127,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   manager = checkpoints.create_manager(workdir, max_to_keep=config.training.max_to_keep,
                                        keep_every=config.training.keep_every)
   try:
-    return _train(config, workdir, manager=manager, data=data, mesh=mesh, image_shape=image_shape,
-                  model=model, schedule=schedule, tx=tx, lr_fn=lr_fn, init_rng=init_rng,
-                  train_rng=train_rng)
+    return _train(config, workdir, manager=manager, data=data, mesh=mesh, space=space,
+                  image_shape=image_shape, model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
+                  init_rng=init_rng, train_rng=train_rng)
   finally:
     manager.close()  # Waits for the saves in flight; its background threads end here, error or not.
     data.close()
 
 
-def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule, tx, lr_fn, init_rng,
-           train_rng):
+def _create_space(config, workdir, *, data, autoencoder):
+  """(config, space): in latent space without a given scale factor, the one of a previous start in
+  workdir, or else 1/std of the first config.latent.scale_batches batches' latents (the data iterator
+  is put back); the config returned holds it, so it is saved with every checkpoint and config.json.
+  """
+  space = spaces.create_space(config, channels=data.num_channels, autoencoder=autoencoder)
+  if config.latent.autoencoder is None or config.latent.scale_factor is not None:
+    return config, space
+  scale = spaces.saved_scale_factor(workdir, config.latent.autoencoder)
+  if scale is None:
+    position = data.get_state()
+    batches = [next(data)["image"] for _ in range(config.latent.scale_batches)]
+    data.set_state(position)
+    scale = spaces.estimate_scale_factor(space, batches)
+    logging.info("Latent scale factor 1/std of %d batches' latents: %.6g.", len(batches), scale)
+  else:
+    logging.info("Latent scale factor of the previous start in %s: %.6g.", workdir, scale)
+  config = config.copy_and_resolve_references()
+  config.latent.scale_factor = float(scale)
+  return config, spaces.create_space(config, channels=data.num_channels, autoencoder=autoencoder)
+
+
+def _train(config, workdir, *, manager, data, mesh, space, image_shape, model, schedule, tx, lr_fn,
+           init_rng, train_rng):
   """train()'s restore and loop, with the checkpoint manager and data iterator it closes afterwards."""
   replicated = NamedSharding(mesh, P())
   target = abstract_state(config, image_shape=image_shape, mesh=mesh)
@@ -134,7 +168,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
   _write_config(workdir, config)
   if restored is None:
     init = jax.jit(functools.partial(train_step_lib.init_state, model=model, tx=tx,
-                                     image_shape=image_shape, num_classes=config.model.num_classes),
+                                     image_shape=image_shape, num_classes=config.model.num_classes,
+                                     concat_channels=spaces.concat_channels(config, image_shape)),
                    out_shardings=replicated)
     state = init(init_rng)
     logging.info("Initialised %s parameters.", f"{models.count_params(state.params):,}")
@@ -147,13 +182,15 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
       train_step_lib.make_train_step(
           model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
           hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
-          num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=train_rng),
-      in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+          num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=train_rng,
+          encode=space.encode, condition=spaces.make_condition(config, space)),
+      in_shardings=(replicated, NamedSharding(mesh, P("data")), replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
+  frozen = jax.device_put(space.params, replicated)
   sampler = None
   if config.training.sample_every:
     sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
-                                           image_shape=image_shape)
+                                           image_shape=image_shape, space=space)
 
   writer = writers.MetricWriter(os.path.join(workdir, "train"))
   num_steps = config.training.num_steps
@@ -177,8 +214,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
       while step < num_steps:
         batch = next(data)
         if step == start_step and jax.process_count() > 1:
-          step_fn = _compile_on_every_process(step_fn, state, batch)
-        state, metrics = step_fn(state, batch)
+          step_fn = _compile_on_every_process(step_fn, state, batch, frozen)
+        state, metrics = step_fn(state, batch, frozen)
         step += 1
         if pending is not None:
           window.append(check(pending))
@@ -223,14 +260,14 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, model, schedule
   return state
 
 
-def _compile_on_every_process(step_fn, state, batch):
+def _compile_on_every_process(step_fn, state, batch, frozen):
   """The step compiled ahead of time, once every process has it.
 
   A process whose compilation is a cache hit would otherwise wait in the step's first collective
   while another still compiles, and the collectives' set-up (gloo on CPU) times out after 30 s.
   """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  compiled = step_fn.lower(state, batch).compile()
+  compiled = step_fn.lower(state, batch, frozen).compile()
   multihost_utils.sync_global_devices("train step compiled")
   return compiled
 
