@@ -60,9 +60,10 @@ def model_convolutions(config: ml_collections.ConfigDict, *, batch: int,
   size = config.data.image_size
   x = jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  y = jax.ShapeDtypeStruct((batch,), jnp.int32) if config.model.num_classes else None
+  y = {"label": jax.ShapeDtypeStruct((batch,), jnp.int32)} if config.model.num_classes else None
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)),
-                                             jnp.zeros((1,)), None if y is None else jnp.zeros((1,), jnp.int32),
+                                             jnp.zeros((1,)),
+                                             None if y is None else {"label": jnp.zeros((1,), jnp.int32)},
                                              train=False))
   jaxpr = jax.make_jaxpr(lambda p, x, t, y: model.apply(p, x, t, y, train=False))(params, x, t, y)
   found: dict[tuple, dict[str, Any]] = {}

@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.logit_mean = 0.0  # "logit_normal": mean m of logit(t).
   diffusion.logit_std = 1.0  # "logit_normal": standard deviation s of logit(t) (> 0).
   diffusion.p_uncond = 0.0  # Probability of dropping the label (classifier-free guidance training).
+  diffusion.inpaint_training = False  # Train an inpainting model (SD-inpainting): random masks; the input adds the mask and the masked image's latents (or pixels), C + 1 channels.
   diffusion.model_time = "index"  # Network time input: "index" (1000 t, step i as i), "index_from_zero" (step i as i - 1: DDPM's code, diffusers; converted checkpoints) or "c_noise" (ln(sigma) / 4, EDM).
 
   # config.model.name="autoencoder" only: the loss of Rombach et al. 2022 (taming's LPIPSWithDiscriminator).
@@ -84,6 +85,12 @@ def get_config() -> ml_collections.ConfigDict:
   ae_loss.adaptive_weight = True  # Scale the GAN loss by ||grad L_rec|| / ||grad L_GAN|| at the decoder's last layer (Esser et al. 2021, Eq. 7).
   ae_loss.lpips_weight = 0.0  # Weight of the LPIPS perceptual distance in the reconstruction loss; 0 disables.
   ae_loss.lpips_path = "~/.cache/lpips/vgg16_lpips.npz"  # LPIPS-VGG weights converted by scripts/convert_lpips.py.
+
+  # Latent diffusion (Rombach et al. 2022): the diffusion model runs on a frozen autoencoder's latents.
+  config.latent = latent = ml_collections.ConfigDict()
+  latent.autoencoder = ml_collections.config_dict.placeholder(str)  # Converted autoencoder directory (scripts/convert_diffusers_vae.py); None = pixel space.
+  latent.scale_factor = ml_collections.config_dict.placeholder(float)  # Latents are multiplied by it (0.18215 for SD 1.x); None = 1/std of the first training latents, saved with the run.
+  latent.scale_batches = 4  # Training batches whose latents estimate the scale factor when it is None.
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.
@@ -123,6 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
   sample.num = 64  # Images drawn (grid during training; total in --mode=sample).
   sample.seed = 0  # Seed of the starting noise.
   sample.batch_size = 64  # Global batch of one sampling call.
+  sample.image = ml_collections.config_dict.placeholder(str)  # --mode=sample: inpaint this PNG (config.data.image_size square, the data's channels); needs sample.mask.
+  sample.mask = ml_collections.config_dict.placeholder(str)  # PNG of the same size, values 0/255: white (255) = keep, black (0) = fill.
 
   config.eval = eval_ = ml_collections.ConfigDict()
   eval_.inception_path = "~/.cache/fid/pt_inception-2015-12-05.npz"  # FID Inception weights, converted by scripts/convert_inception.py.

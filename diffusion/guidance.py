@@ -6,7 +6,7 @@ the samplers, so every sampler runs every model.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 
@@ -14,6 +14,32 @@ from diffusion import parameterization
 from diffusion import schedules
 
 Array = jnp.ndarray
+Cond = Mapping[str, Array]  # Conditioning by key: "label" int [B] (null class = num_classes), ...
+
+
+def null_cond(*, num_classes: int, batch_size: int) -> dict[str, Array]:
+  """The entries of the unconditional model's conditioning: today the null label num_classes.
+
+  Keys absent here (e.g. "concat", the masked image of an inpainting model) are never dropped.
+  """
+  return {"label": jnp.full((batch_size,), num_classes, jnp.int32)} if num_classes else {}
+
+
+def drop_cond(cond: Cond, *, null: Cond, drop: Array) -> dict[str, Array]:
+  """Condition dropout (Ho & Salimans 2022): where drop [B] is True, each key of null replaces cond's."""
+  def pick(key, value):
+    if key not in null:
+      return value
+    where = drop.reshape((-1,) + (1,) * (value.ndim - 1))
+    return jnp.where(where, null[key], value)
+  return {key: pick(key, value) for key, value in cond.items()}
+
+
+def concat_cond(a: Cond, b: Cond) -> dict[str, Array]:
+  """Two conditioning dicts with the same keys as one, every key concatenated along the batch."""
+  if set(a) != set(b):
+    raise ValueError(f"Conditioning keys differ: {sorted(a)} and {sorted(b)}.")
+  return {key: jnp.concatenate([a[key], b[key]]) for key in a}
 
 
 def _per_example(x: Array) -> tuple[int, ...]:
@@ -43,16 +69,18 @@ def dynamic_threshold(x0: Array, *, percentile: float) -> Array:
 
 
 def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule: schedules.Schedule,
-                    prediction: str, labels: Array | None = None, null_label: int | None = None,
+                    prediction: str, cond: Cond | None = None, uncond: Cond | None = None,
                     guidance_scale: float | Array = 1.0, guidance_rescale: float = 0.0,
                     dynamic_threshold: float | None = None,
                     clip_x0: bool = False) -> Callable[[Array, Array], tuple[Array, Array]]:
-  """denoise_fn(x_t, t) -> (x0_hat, eps_hat) from apply_fn(x, model_time, labels) -> network output.
+  """denoise_fn(x_t, t) -> (x0_hat, eps_hat) from apply_fn(x, model_time, cond) -> network output.
 
   The network sees parameterization.network_input of x_t (x_t itself for eps, x0 and v) and
-  model_time = schedule.model_time(t) broadcast to [B]. With labels, classifier-free guidance of scale
-  w mixes the conditional and the null-label (unconditional) outputs, both from one forward pass of
-  the doubled batch; a Python w = 1 (without rescale) skips the unconditional half. Guidance mixes the
+  model_time = schedule.model_time(t) broadcast to [B]; cond is a dict of conditioning arrays
+  (guidance.Cond) or None. With uncond (the same keys, e.g. the null label), classifier-free guidance
+  of scale w mixes the conditional and unconditional outputs, both from one forward pass of the doubled
+  batch (every key of cond and uncond concatenated); a Python w = 1 (without rescale) skips the
+  unconditional half. Guidance mixes the
   two x0_hat (the same as mixing eps_hat or v_hat: each is affine in the other at fixed x_t), and the
   rescale (phi = guidance_rescale) matches std(x0_hat) to the conditional one's, so it does the same for
   eps, x0 and v networks; diffusers rescales the raw output, which for an eps network barely changes
@@ -62,10 +90,11 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
   eps_hat is recomputed from x0_hat, so the pair stays consistent with x_t = alpha x0 + sigma eps.
   """
   plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0 and not guidance_rescale
-  guided = labels is not None and not plain
-  if guided and null_label is None:
+  guided = cond is not None and not plain
+  if guided and uncond is None:
     raise ValueError("classifier-free guidance (config.sample.guidance_scale != 1) needs the null label "
                      "of a model trained with config.diffusion.p_uncond > 0.")
+  both = concat_cond(cond, uncond) if guided else None
 
   def denoise_fn(x: Array, t: Array) -> tuple[Array, Array]:
     alpha, sigma = (a.astype(x.dtype) for a in schedule.alpha_sigma(t))
@@ -73,18 +102,17 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
     level = dict(alpha=alpha, sigma=sigma, sigma_data=schedule.sigma_data)
     x_in = parameterization.network_input(prediction, x_t=x, **level)
     if guided:
-      out = apply_fn(jnp.concatenate([x_in, x_in]), jnp.concatenate([model_time, model_time]),
-                     jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
-      cond, uncond = jnp.split(out.astype(x.dtype), 2)
-      x0_cond, eps_cond = parameterization.to_x0_eps(prediction, cond, x_t=x, **level)
-      x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, uncond, x_t=x, **level)
+      out = apply_fn(jnp.concatenate([x_in, x_in]), jnp.concatenate([model_time, model_time]), both)
+      out_cond, out_uncond = jnp.split(out.astype(x.dtype), 2)
+      x0_cond, eps_cond = parameterization.to_x0_eps(prediction, out_cond, x_t=x, **level)
+      x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, out_uncond, x_t=x, **level)
       x0 = classifier_free_guidance(cond=x0_cond, uncond=x0_uncond, scale=guidance_scale)
       eps = classifier_free_guidance(cond=eps_cond, uncond=eps_uncond, scale=guidance_scale)
       if guidance_rescale:
         x0 = rescale_guidance(guided=x0, cond=x0_cond, phi=guidance_rescale)
         eps = parameterization.x0_to_eps(x_t=x, x0=x0, alpha=alpha, sigma=sigma)
     else:
-      out = apply_fn(x_in, model_time, labels).astype(x.dtype)
+      out = apply_fn(x_in, model_time, cond).astype(x.dtype)
       x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, **level)
     if dynamic_threshold is not None:
       x0 = _threshold(x0, percentile=dynamic_threshold)

@@ -90,3 +90,39 @@ def inpaint(name: str, denoise_fn: samplers.DenoiseFn, x_T: Array, rng: Array, *
   x = mask * noised_known(timesteps[0], init_key) + (1.0 - mask) * x_T
   xs = (timesteps[index[:-1]], timesteps[index[1:]], jax.random.split(rng, len(index) - 1))
   return lax.scan(body, x.astype(x_T.dtype), xs)[0]
+
+
+def reduce_mask(mask: Array, *, factor: int) -> Array:
+  """A pixel mask [B, H, W, 1] (1 known, 0 to sample) on the latent grid [B, H/f, W/f, 1].
+
+  A latent cell is known only if every pixel of its f x f block is known: a cell is unknown if any
+  of its pixels is unknown (a min-pool), so nothing to be filled is kept.
+  """
+  b, h, w, c = mask.shape
+  if h % factor or w % factor:
+    raise ValueError(f"A {h}x{w} mask does not split into {factor}x{factor} latent cells.")
+  blocks = mask.reshape(b, h // factor, factor, w // factor, factor, c)
+  return jnp.min(blocks, axis=(2, 4))
+
+
+def random_masks(rng: Array, *, batch_size: int, height: int, width: int) -> Array:
+  """Random training masks [B, H, W, 1] (1 known, 0 to fill) for inpainting models, one per example.
+
+  Half are one axis-aligned rectangle (sides uniform in [H/4, 3H/4]), half a brush stroke: a
+  thick line (width H/8) between two uniform points; SD-inpainting trains on both kinds.
+  """
+  rect_rng, line_rng, kind_rng = jax.random.split(rng, 3)
+  ys = jnp.arange(height, dtype=jnp.float32)[None, :, None] + 0.5
+  xs = jnp.arange(width, dtype=jnp.float32)[None, None, :] + 0.5
+  u = jax.random.uniform(rect_rng, (4, batch_size, 1, 1))
+  h_, w_ = (0.25 + 0.5 * u[0]) * height, (0.25 + 0.5 * u[1]) * width
+  y0, x0 = u[2] * (height - h_), u[3] * (width - w_)
+  rect = (ys >= y0) & (ys < y0 + h_) & (xs >= x0) & (xs < x0 + w_)
+  p = jax.random.uniform(line_rng, (4, batch_size, 1, 1)) * jnp.array([height, width, height, width],
+                                                                        jnp.float32)[:, None, None, None]
+  dy, dx = p[2] - p[0], p[3] - p[1]
+  s = jnp.clip(((ys - p[0]) * dy + (xs - p[1]) * dx) / jnp.maximum(dy * dy + dx * dx, 1e-6), 0.0, 1.0)
+  dist = jnp.hypot(ys - p[0] - s * dy, xs - p[1] - s * dx)
+  line = dist <= max(height, width) / 8.0
+  fill = jnp.where(jax.random.bernoulli(kind_rng, 0.5, (batch_size, 1, 1)), rect, line)
+  return (~fill).astype(jnp.float32)[..., None]

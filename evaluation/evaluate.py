@@ -44,6 +44,7 @@ from evaluation import run as run_lib
 from training import checkpoints
 from training import config_check
 from training import generate
+from training import spaces
 from training import train as train_lib
 from training import writers
 
@@ -78,6 +79,9 @@ def settings(config: ml_collections.ConfigDict, step: int, schedule, reference: 
          **options.sampler_options(), "guidance_scale": options.guidance_scale,
          "guidance_rescale": options.guidance_rescale, "dynamic_threshold": options.dynamic_threshold,
          "clip_x0": options.clip_x0, "seed": config.sample.seed, "reference_stats": os.path.abspath(reference)}
+  if config.latent.autoencoder is not None:  # FID and IS of the decoded images.
+    out.update(latent_autoencoder=os.path.abspath(os.path.expanduser(config.latent.autoencoder)),
+               latent_scale_factor=config.latent.scale_factor)
   if config.eval.nll:
     # The ODE's start time: records made when it started below the trained times are not reused.
     out.update(nll_num=config.eval.nll_num, nll_hutchinson=config.eval.nll_hutchinson,
@@ -166,7 +170,7 @@ def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh
   def batch_nll(params, images, labels, rng):
     apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)
     denoise_fn = guidance.make_denoise_fn(apply_fn, schedule=schedule, prediction=config.diffusion.prediction,
-                                          labels=labels if num_classes else None)
+                                          cond={"label": labels} if num_classes else None)
     ode_rng, vlb_rng = jax.random.split(rng)
     bpd, nfe, success = likelihood.ode_bits_per_dim(denoise_fn, images, ode_rng, schedule=schedule,
                                                     divergence=divergence, max_steps=max_steps)
@@ -288,8 +292,8 @@ def _restore(manager: ocp.CheckpointManager, workdir: str, step: int, mesh: jax.
 def sampler_inputs(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> tuple[Any, ...]:
   """What the eval sampler of a checkpoint is built from: equal inputs give the same compiled sampler."""
   options = dataclasses.replace(generate.SampleOptions.from_config(config), batch_size=config.eval.batch_size)
-  model = json.dumps({"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict()},
-                     sort_keys=True, default=str)
+  model = json.dumps({"model": config.model.to_dict(), "diffusion": config.diffusion.to_dict(),
+                      "latent": config.latent.to_dict()}, sort_keys=True, default=str)
   return options, model, tuple(image_shape)
 
 
@@ -331,6 +335,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
       trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
       trained.eval = ml_collections.ConfigDict(ev.to_dict())
       trained.data = ml_collections.ConfigDict(config.data.to_dict())
+      if ev.nll and trained.latent.autoencoder is not None:
+        raise ValueError("config.eval.nll=True: the likelihood of a latent diffusion model is that of "
+                         "the latents, not of the images, and is not computed; pass "
+                         "--config.eval.nll=False for FID and IS of the decoded images.")
       setting = settings(trained, step, schedule, reference_path)
       if _on_process_0(evaluated, done, setting):
         logging.info("Checkpoint %d is already evaluated with these settings in %s; skipped.", step,
@@ -340,7 +348,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
       if inputs != built_from:  # One compiled sampler for checkpoints of the same model and settings.
         built_from = inputs
         sampler = generate.Sampler(model=model, schedule=schedule, options=built_from[0], mesh=mesh,
-                                   image_shape=image_shape, num_classes=trained.model.num_classes)
+                                   image_shape=image_shape, num_classes=trained.model.num_classes,
+                                   space=spaces.space_for_run(trained, image_shape),
+                                   concat_channels=spaces.concat_channels(trained, image_shape))
       start = time.perf_counter()
       metrics, first = sample_fid_is(sampler, state.ema_params, extractor, num=ev.num_samples,
                                      seed=trained.sample.seed, reference=reference)

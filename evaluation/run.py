@@ -23,6 +23,7 @@ from input_pipeline import preprocess
 from input_pipeline import sources
 from training import checkpoints
 from training import generate
+from training import spaces
 from training import train as train_lib
 from training import writers
 
@@ -72,12 +73,17 @@ def image_shape(workdir: str, step: int | None = None) -> tuple[int, ...]:
 def make_sampler(config: ml_collections.ConfigDict, model: nn.Module, schedule: schedules.Schedule, *,
                  image_shape: tuple[int, ...], mesh: jax.sharding.Mesh | None = None,
                  **sample_overrides) -> generate.Sampler:
-  """generate.Sampler for config.sample with some settings replaced, e.g. sampler="heun", steps=18."""
+  """generate.Sampler for config.sample with some settings replaced, e.g. sampler="heun", steps=18.
+
+  A latent run's sampler decodes with the autoencoder of its config.latent (images come out as pixels).
+  """
   options = generate.SampleOptions.from_config(config)
   options = dataclasses.replace(options, **sample_overrides)
   return generate.Sampler(model=model, schedule=schedule, options=options,
                           mesh=mesh or train_lib.create_mesh(), image_shape=image_shape,
-                          num_classes=config.model.num_classes)
+                          num_classes=config.model.num_classes,
+                          space=spaces.space_for_run(config, image_shape),
+                          concat_channels=spaces.concat_channels(config, image_shape))
 
 
 def params_per_module(params: Any) -> dict[str, int]:

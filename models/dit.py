@@ -10,7 +10,7 @@ layers, N(0, 0.02) time-MLP and label weights, zero adaLN and output layers.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -89,7 +89,12 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-  """Diffusion transformer: NHWC images, float times t [B] (or scalar), int labels y [B] or None."""
+  """Diffusion transformer: NHWC images, float times t [B] (or scalar), conditioning dict cond or None
+
+  cond keys: "label" int [B] (num_classes = the null label, the default), "concat" [B, H, W, K] extra
+  input channels (SD-inpainting's mask and masked-image latents) concatenated to x; the output has x's
+  channels.
+  """
 
   patch_size: int = 2
   hidden_size: int = 1152
@@ -101,7 +106,7 @@ class DiT(nn.Module):
   attention: Optional[str] = "xla"  # jax.nn.dot_product_attention implementation: None, "xla", "cudnn".
   remat: bool = False  # Recompute each block in the backward pass instead of storing its activations.
 
-  def _check_inputs(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array]) -> None:
+  def _check_inputs(self, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]) -> None:
     if x.ndim != 4:
       raise ValueError(f"DiT expects NHWC images, got shape {x.shape}.")
     if x.shape[1] % self.patch_size or x.shape[2] % self.patch_size:
@@ -112,16 +117,24 @@ class DiT(nn.Module):
                        f"{self.hidden_size}.")
     if t.shape not in ((), (x.shape[0],)):
       raise ValueError(f"t must be a scalar or have shape [B]=({x.shape[0]},), got {t.shape}.")
-    if y is not None and self.num_classes == 0:
-      raise ValueError("Labels y were given but config.model.num_classes=0 (unconditional model).")
+    unknown = sorted(set(cond) - {"label", "concat"})
+    if unknown:
+      raise ValueError(f"Unknown conditioning keys {unknown}; {type(self).__name__} reads 'label' and "
+                       "'concat'.")
+    if "label" in cond and self.num_classes == 0:
+      raise ValueError("Labels were given but config.model.num_classes=0 (unconditional model).")
+    if "concat" in cond and cond["concat"].shape[:3] != x.shape[:3]:
+      raise ValueError(f"cond['concat'] of shape {cond['concat'].shape} does not match x {x.shape}.")
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None, *,
+  def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]] = None, *,
                train: bool) -> jax.Array:
     """Returns a tensor shaped like x (the prediction of the configured parameterisation)."""
     del train  # DiT has no dropout.
     t = jnp.asarray(t)
-    self._check_inputs(x, t, y)
+    cond = dict(cond or {})
+    self._check_inputs(x, t, cond)
+    y = cond.get("label")
     b, height, width, channels = x.shape
     p, dim = self.patch_size, self.hidden_size
     gh, gw = height // p, width // p
@@ -130,7 +143,7 @@ class DiT(nn.Module):
     patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
                                                   out_axis=3)
     h = nn.Conv(dim, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init, dtype=self.dtype,
-                name="x_embedder")(x.astype(self.dtype))
+                name="x_embedder")(_with_concat(x, cond).astype(self.dtype))
     h = h.reshape(b, gh * gw, dim) + jnp.asarray(sincos_pos_embed_2d(dim, gh, gw), self.dtype)
 
     normal = nn.initializers.normal(0.02)
@@ -155,3 +168,10 @@ class DiT(nn.Module):
     # Unpatchify: [B, gh * gw, p * p * C] -> [B, gh * p, gw * p, C].
     h = h.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
     return h.reshape(b, height, width, channels).astype(x.dtype)
+
+
+def _with_concat(x: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
+  """x with cond["concat"] appended along the channels (SD-inpainting's 9-channel input), if given."""
+  if "concat" not in cond:
+    return x
+  return jnp.concatenate([x, cond["concat"].astype(x.dtype)], axis=-1)

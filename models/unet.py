@@ -1,7 +1,7 @@
 """The DDPM UNet (Ho et al. 2020, `diffusion_tf/models/unet.py`), with optional ADM conditioning."""
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -13,7 +13,12 @@ Dtype = Any
 
 
 class UNet(nn.Module):
-  """Noise-prediction UNet: NHWC images, float times t [B] (or scalar), int labels y [B] or None."""
+  """Noise-prediction UNet: NHWC images, float times t [B] (or scalar), conditioning dict cond or None
+
+  cond keys: "label" int [B] (num_classes = the null label, the default), "concat" [B, H, W, K] extra
+  input channels (SD-inpainting's mask and masked-image latents) concatenated to x; the output has x's
+  channels.
+  """
 
   ch: int
   ch_mult: Sequence[int]
@@ -28,7 +33,7 @@ class UNet(nn.Module):
   attention: Optional[str] = "xla"  # jax.nn.dot_product_attention implementation: None, "xla", "cudnn".
   remat: bool = False  # Recompute each residual block in the backward pass instead of storing it.
 
-  def _check_inputs(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array]) -> None:
+  def _check_inputs(self, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]) -> None:
     if x.ndim != 4:
       raise ValueError(f"UNet expects NHWC images, got shape {x.shape}.")
     factor = 2 ** (len(self.ch_mult) - 1)
@@ -39,15 +44,23 @@ class UNet(nn.Module):
           f"config.model.unet.ch_mult={tuple(self.ch_mult)}.")
     if t.shape not in ((), (x.shape[0],)):
       raise ValueError(f"t must be a scalar or have shape [B]=({x.shape[0]},), got {t.shape}.")
-    if y is not None and self.num_classes == 0:
-      raise ValueError("Labels y were given but config.model.num_classes=0 (unconditional model).")
+    unknown = sorted(set(cond) - {"label", "concat"})
+    if unknown:
+      raise ValueError(f"Unknown conditioning keys {unknown}; {type(self).__name__} reads 'label' and "
+                       "'concat'.")
+    if "label" in cond and self.num_classes == 0:
+      raise ValueError("Labels were given but config.model.num_classes=0 (unconditional model).")
+    if "concat" in cond and cond["concat"].shape[:3] != x.shape[:3]:
+      raise ValueError(f"cond['concat'] of shape {cond['concat'].shape} does not match x {x.shape}.")
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, y: Optional[jax.Array] = None, *,
+  def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]] = None, *,
                train: bool) -> jax.Array:
     """Returns a tensor shaped like x (e.g. the predicted noise)."""
     t = jnp.asarray(t)
-    self._check_inputs(x, t, y)
+    cond = dict(cond or {})
+    self._check_inputs(x, t, cond)
+    y = cond.get("label")
     t = jnp.broadcast_to(t, (x.shape[0],))
     num_levels = len(self.ch_mult)
     # nn.remat keeps only each block's inputs for the backward pass; argument 3 (train) is static.
@@ -71,7 +84,7 @@ class UNet(nn.Module):
 
     # Down path; every output is kept as a skip for the up path.
     hs = [nn.Conv(self.ch, (3, 3), kernel_init=layers.default_init(), dtype=self.dtype,
-                  name="conv_in")(x.astype(self.dtype))]
+                  name="conv_in")(_with_concat(x, cond).astype(self.dtype))]
     for level in range(num_levels):
       for i in range(self.num_res_blocks):
         h = res_block(self.ch * self.ch_mult[level], name=f"down_{level}_res_{i}")(
@@ -106,3 +119,10 @@ class UNet(nn.Module):
     h = nn.Conv(x.shape[-1], (3, 3), kernel_init=layers.default_init(0.0), dtype=self.dtype,
                 name="conv_out")(h)
     return h.astype(x.dtype)
+
+
+def _with_concat(x: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
+  """x with cond["concat"] appended along the channels (SD-inpainting's 9-channel input), if given."""
+  if "concat" not in cond:
+    return x
+  return jnp.concatenate([x, cond["concat"].astype(x.dtype)], axis=-1)

@@ -20,7 +20,7 @@ PAPER_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}
 
 def _param_shapes(model, shape=(1, 32, 32, 4), labels=True):
   x = jnp.zeros(shape)
-  y = jnp.zeros((shape[0],), jnp.int32) if labels else None
+  y = {"label": jnp.zeros((shape[0],), jnp.int32)} if labels else None
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((shape[0],)), y,
                                            train=False))["params"]
 
@@ -55,7 +55,7 @@ def test_adaln_zero_blocks_start_as_the_identity():
 def test_model_starts_at_zero_and_unpatchifies_in_the_reference_layout():
   model = dit.DiT(patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  t, y = jnp.array([10.0, 500.0]), jnp.array([1, 3])
+  t, y = jnp.array([10.0, 500.0]), {"label": jnp.array([1, 3])}
   params = model.init(jax.random.key(1), x, t, y, train=False)["params"]
   out = model.apply({"params": params}, x, t, y, train=False)
   assert out.shape == x.shape
@@ -85,12 +85,14 @@ def test_position_embeddings_match_the_reference_formula():
 def test_conditioning_changes_the_output_once_trained_layers_are_nonzero():
   model = dit.DiT(patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=10)
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
-  params = model.init(jax.random.key(1), x, jnp.zeros((2,)), jnp.zeros((2,), jnp.int32), train=False)
+  params = model.init(jax.random.key(1), x, jnp.zeros((2,)), {"label": jnp.zeros((2,), jnp.int32)},
+                      train=False)
   # Give every zero-initialised layer random weights, as training would.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   params = treedef.unflatten([l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
-  run = lambda t, y: model.apply(params, x, jnp.full((2,), t), y, train=False)
+  run = lambda t, y: model.apply(params, x, jnp.full((2,), t), None if y is None else {"label": y},
+                                 train=False)
   base = run(10.0, jnp.array([1, 1]))
   assert float(jnp.max(jnp.abs(run(900.0, jnp.array([1, 1])) - base))) > 1e-3  # Time.
   assert float(jnp.max(jnp.abs(run(10.0, jnp.array([2, 2])) - base))) > 1e-3  # Class.

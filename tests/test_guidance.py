@@ -29,8 +29,9 @@ def class_posterior(x, alpha, sigma, labels):
 
 
 def apply_fn_for(prediction):
-  """The exact network of each parameterisation: apply_fn(x, model_time, labels)."""
-  def apply_fn(x, model_time, labels):
+  """The exact network of each parameterisation: apply_fn(x, model_time, cond)."""
+  def apply_fn(x, model_time, cond):
+    labels = cond["label"]
     alpha, sigma = SCHEDULE.alpha_sigma(model_time[0] / 1000.0)
     x0 = class_posterior(x, alpha, sigma, labels)
     eps = (x - alpha * x0) / sigma
@@ -40,7 +41,8 @@ def apply_fn_for(prediction):
 
 def denoise_fn_for(prediction, **options):
   return guidance.make_denoise_fn(apply_fn_for(prediction), schedule=SCHEDULE, prediction=prediction,
-                                  labels=jnp.arange(16) % K, null_label=K, **options)
+                                  cond={"label": jnp.arange(16) % K},
+                                  uncond={"label": jnp.full((16,), K)}, **options)
 
 
 @pytest.mark.parametrize("t", [0.3, 0.7, 0.95])

@@ -59,9 +59,15 @@ def analytic_denoise_fn(schedule):
   return denoise_fn
 
 
+def null(labels):
+  """The unconditional half of classifier-free guidance: every label the null class."""
+  return {"label": jnp.full_like(labels, NULL)}
+
+
 def analytic_apply_fn(schedule, prediction):
-  """A "network" apply_fn(x, model_time, labels) giving the exact eps, x0 or v of the (class) mixture."""
-  def apply_fn(x, model_time, labels):
+  """A "network" apply_fn(x, model_time, cond) giving the exact eps, x0 or v of the (class) mixture."""
+  def apply_fn(x, model_time, cond):
+    labels = None if cond is None else cond["label"]
     alpha, sigma = schedule.alpha_sigma(model_time[0] / 1000.0)
     alpha, sigma = alpha.astype(x.dtype), sigma.astype(x.dtype)
     weights = W if labels is None else jnp.where((labels == NULL)[:, None], W, jax.nn.one_hot(labels, K))
@@ -360,28 +366,28 @@ def test_guidance_scale_one_is_conditional_sampling_and_zero_unconditional():
   apply_fn = analytic_apply_fn(DISCRETE, "eps")
   shapes = []
 
-  def counting_apply_fn(x, model_time, y):
+  def counting_apply_fn(x, model_time, cond):
     shapes.append(x.shape)
-    return apply_fn(x, model_time, y)
+    return apply_fn(x, model_time, cond)
 
   def make(**kwargs):
     return guidance.make_denoise_fn(counting_apply_fn, schedule=DISCRETE, prediction="eps", **kwargs)
 
-  cond = _run("dpmpp_2m", DISCRETE, x_T, steps=20, denoise_fn=make(labels=labels))
+  cond = _run("dpmpp_2m", DISCRETE, x_T, steps=20, denoise_fn=make(cond={'label': labels}))
   assert shapes[-1] == (64, 2)  # A Python w = 1 runs the conditional half only.
   # A traced w = 1 runs the guided path: one forward pass of the doubled batch.
   cfg = _run("dpmpp_2m", DISCRETE, x_T, steps=20,
-             denoise_fn=make(labels=labels, null_label=NULL, guidance_scale=jnp.float32(1.0)))
+             denoise_fn=make(cond={'label': labels}, uncond=null(labels), guidance_scale=jnp.float32(1.0)))
   assert shapes[-1] == (128, 2)
   np.testing.assert_allclose(cfg, cond, atol=1e-5)
-  uncond = _run("dpmpp_2m", DISCRETE, x_T, steps=20, denoise_fn=make(labels=jnp.full((64,), NULL)))
+  uncond = _run("dpmpp_2m", DISCRETE, x_T, steps=20, denoise_fn=make(cond={'label': jnp.full((64,), NULL)}))
   cfg0 = _run("dpmpp_2m", DISCRETE, x_T, steps=20,
-              denoise_fn=make(labels=labels, null_label=NULL, guidance_scale=0.0))
+              denoise_fn=make(cond={'label': labels}, uncond=null(labels), guidance_scale=0.0))
   np.testing.assert_allclose(cfg0, uncond, atol=1e-5)
   # Conditional samples come from their class's component.
   np.testing.assert_allclose([cond[np.asarray(labels) == k].mean(0) for k in range(K)], MU, atol=0.25)
   with pytest.raises(ValueError, match="null label"):
-    make(labels=labels, guidance_scale=3.0)
+    make(cond={'label': labels}, guidance_scale=3.0)
 
 
 def test_guidance_mixes_conditional_and_unconditional_predictions():
@@ -394,25 +400,25 @@ def test_guidance_mixes_conditional_and_unconditional_predictions():
   t = jnp.float32(0.4)
   apply_fn = analytic_apply_fn(DISCRETE, "v")
   make = lambda **kw: guidance.make_denoise_fn(apply_fn, schedule=DISCRETE, prediction="v", **kw)
-  cond = make(labels=labels)(x, t)
-  uncond = make(labels=jnp.full((4,), NULL))(x, t)
-  guided = make(labels=labels, null_label=NULL, guidance_scale=3.0)(x, t)
+  cond = make(cond={'label': labels})(x, t)
+  uncond = make(cond={'label': jnp.full((4,), NULL)})(x, t)
+  guided = make(cond={'label': labels}, uncond=null(labels), guidance_scale=3.0)(x, t)
   for c, u, g in zip(cond, uncond, guided):
     np.testing.assert_allclose(g, u + 3.0 * (c - u), atol=1e-5)
-  rescaled = make(labels=labels, null_label=NULL, guidance_scale=3.0, guidance_rescale=0.7)(x, t)
+  rescaled = make(cond={'label': labels}, uncond=null(labels), guidance_scale=3.0, guidance_rescale=0.7)(x, t)
   alpha, sigma = DISCRETE.alpha_sigma(t)
   x0 = guidance.rescale_guidance(guided=guided[0], cond=cond[0], phi=0.7)
   np.testing.assert_allclose(rescaled[0], x0, atol=1e-5)
   np.testing.assert_allclose(alpha * rescaled[0] + sigma * rescaled[1], x, atol=1e-5)
   assert not np.allclose(rescaled[0], guided[0], atol=1e-3)
   # Dynamic thresholding clips x0 and keeps (x0, eps) consistent with x_t.
-  x0, eps = make(labels=labels, null_label=NULL, guidance_scale=3.0, dynamic_threshold=0.5)(4.0 * x, t)
+  x0, eps = make(cond={'label': labels}, uncond=null(labels), guidance_scale=3.0, dynamic_threshold=0.5)(4.0 * x, t)
   assert float(jnp.abs(x0).max()) <= 1.0 + 1e-6
   np.testing.assert_allclose(alpha * x0 + sigma * eps, 4.0 * x, atol=1e-5)
   # Static clipping (DDPM's clip_denoised): x0 clipped to [-1, 1], eps consistent with x_t.
-  unclipped = make(labels=labels, null_label=NULL, guidance_scale=3.0)(4.0 * x, t)[0]
+  unclipped = make(cond={'label': labels}, uncond=null(labels), guidance_scale=3.0)(4.0 * x, t)[0]
   assert float(jnp.abs(unclipped).max()) > 1.0
-  x0, eps = make(labels=labels, null_label=NULL, guidance_scale=3.0, clip_x0=True)(4.0 * x, t)
+  x0, eps = make(cond={'label': labels}, uncond=null(labels), guidance_scale=3.0, clip_x0=True)(4.0 * x, t)
   np.testing.assert_allclose(x0, jnp.clip(unclipped, -1.0, 1.0), atol=1e-6)
   np.testing.assert_allclose(alpha * x0 + sigma * eps, 4.0 * x, atol=1e-5)
 

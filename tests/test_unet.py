@@ -71,14 +71,15 @@ def test_class_conditional():
   x = _images(3)
   params = _random_params(model, x)
   assert params["label_embed"]["embedding"].shape == (11, 32)  # num_classes + 1 ("null"), 4 ch.
-  apply = jax.jit(lambda p, y: model.apply({"params": p}, x, jnp.array([3.0, 3.0]), y, train=False))
+  apply = jax.jit(lambda p, y: model.apply({"params": p}, x, jnp.array([3.0, 3.0]), {"label": y},
+                                           train=False))
   out_a = apply(params, jnp.array([0, 1]))
   out_null = apply(params, jnp.array([10, 10]))
   out_none = jax.jit(lambda p: model.apply({"params": p}, x, jnp.array([3.0, 3.0]), train=False))(
       params)
   assert out_a.shape == x.shape
   assert not np.allclose(out_a, out_null)
-  np.testing.assert_allclose(out_none, out_null, rtol=1e-5, atol=1e-6)  # y=None is the null class.
+  np.testing.assert_allclose(out_none, out_null, rtol=1e-5, atol=1e-6)  # No label is the null class.
 
 
 def test_tiny_param_count():

@@ -239,11 +239,100 @@ def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | No
            "(e.g. 0.995) or None.")
 
 
-def validate_config(config: ml_collections.ConfigDict, *, device_count: int, process_count: int) -> None:
-  """Raises ValueError naming the first bad key of config; touches no data and compiles nothing."""
+def validate_latent(config: ml_collections.ConfigDict) -> None:
+  """config.latent's own values; the autoencoder itself is checked where it is loaded (spaces.py)."""
+  latent = config.latent
+  if latent.autoencoder is not None:
+    _require(isinstance(latent.autoencoder, str) and latent.autoencoder,
+             f"config.latent.autoencoder={latent.autoencoder!r} must be a directory or None.")
+  _require(latent.scale_factor is None or latent.scale_factor > 0,
+           f"config.latent.scale_factor={latent.scale_factor} must be > 0, or None (estimated).")
+  _require(isinstance(latent.scale_batches, int) and latent.scale_batches > 0,
+           f"config.latent.scale_batches={latent.scale_batches!r} must be a positive integer.")
+  _require(isinstance(config.diffusion.inpaint_training, bool),
+           f"config.diffusion.inpaint_training={config.diffusion.inpaint_training!r} is not one of "
+           "False, True.")
+
+
+def validate_autoencoder(config: ml_collections.ConfigDict, *, latent_channels: int, factor: int,
+                         out_channels: int, data_channels: int | None = None,
+                         model_channels: int | None = None) -> None:
+  """The autoencoder of config.latent.autoencoder against the data and the diffusion model."""
+  path, size = config.latent.autoencoder, config.data.image_size
+  _require(size % factor == 0, f"config.data.image_size={size} is not divisible by {factor}, the "
+           f"downsampling factor of config.latent.autoencoder={path!r}.")
+  _require(data_channels is None or data_channels == out_channels,
+           f"config.data.name={config.data.name!r} has {data_channels}-channel images but "
+           f"config.latent.autoencoder={path!r} encodes {out_channels}-channel images.")
+  _require(model_channels is None or model_channels == latent_channels,
+           f"The diffusion model was built for {model_channels} latent channels but "
+           f"config.latent.autoencoder={path!r} has {latent_channels}; use the autoencoder it was "
+           "trained with.")
+  if config.model.name == "unet":
+    levels = len(config.model.unet.ch_mult) - 1
+    _require((size // factor) % 2**levels == 0,
+             f"The latents of config.data.image_size={size} are {size // factor}x{size // factor} "
+             f"(config.latent.autoencoder={path!r} downsamples {factor}x), not divisible by "
+             f"{2**levels}, the UNet's downsampling for config.model.unet.ch_mult="
+             f"{tuple(config.model.unet.ch_mult)}.")
+
+
+def read_inpaint_files(sample: ml_collections.ConfigDict, *,
+                       data_shape: tuple[int, int, int]) -> tuple["np.ndarray", "np.ndarray"]:
+  """(image in [-1, 1] [H, W, C], mask [H, W, 1], 1 = keep) of config.sample.image and config.sample.mask.
+
+  The mask is white (255) where the image is kept and black (0) where it is filled; any other value,
+  or a size other than the image's, is an error naming the file.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  _require((sample.image is None) == (sample.mask is None),
+           "config.sample.image and config.sample.mask go together: give both PNGs, or neither.")
+
+  def read(key):
+    path = sample[key]
+    if not os.path.isfile(os.path.expanduser(path)):
+      raise FileNotFoundError(f"config.sample.{key}={path!r} does not exist.")
+    try:
+      with Image.open(os.path.expanduser(path)) as f:
+        return np.asarray(f)
+    except OSError as e:
+      raise ValueError(f"config.sample.{key}={path!r} is not an image: {e}") from e
+
+  image, mask = read("image"), read("mask")
+  h, w, c = data_shape
+  image = image[..., None] if image.ndim == 2 else image
+  if image.shape[-1] == 4 and c != 4:
+    image = image[..., :3]
+  if image.shape[-1] == 3 and c == 1:
+    image = image.mean(axis=-1, keepdims=True).round().astype(np.uint8)
+  _require(image.shape == (h, w, c), f"config.sample.image={sample.image!r} is "
+           f"{'x'.join(map(str, image.shape))} but the model's images are {h}x{w}x{c} "
+           "(config.data.image_size, the data's channels).")
+  mask = mask[..., 0] if mask.ndim == 3 else mask
+  _require(mask.shape == (h, w), f"config.sample.mask={sample.mask!r} is "
+           f"{'x'.join(map(str, mask.shape))} but config.sample.image is {h}x{w}.")
+  values = sorted(set(np.unique(mask).tolist()))
+  _require(set(values) <= {0, 255}, f"config.sample.mask={sample.mask!r} is not binary: it holds the "
+           f"values {values[:8]}; use 0 (fill) and 255 (keep) only.")
+  return (image.astype(np.float32) / 127.5 - 1.0), (mask == 255).astype(np.float32)[..., None]
+
+
+def validate_config(config: ml_collections.ConfigDict, *, device_count: int, process_count: int,
+                    latent_factor: int = 1) -> None:
+  """Raises ValueError naming the first bad key of config; touches no data and compiles nothing.
+
+  latent_factor: the downsampling of config.latent.autoencoder (1 in pixel space); the model is
+  checked at the size it sees, config.data.image_size // latent_factor.
+  """
   input_pipeline.validate_data_config(config.data, global_batch_size=config.training.batch_size,
                                       process_count=process_count)
-  validate_model(config.model, image_size=config.data.image_size)
+  validate_latent(config)
+  _require(config.data.image_size % latent_factor == 0,
+           f"config.data.image_size={config.data.image_size} is not divisible by {latent_factor}, the "
+           f"downsampling factor of config.latent.autoencoder={config.latent.autoencoder!r}.")
+  validate_model(config.model, image_size=config.data.image_size // latent_factor)
   if config.model.name == "autoencoder":
     validate_autoencoder_loss(config.autoencoder_loss, image_size=config.data.image_size)
   else:

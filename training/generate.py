@@ -19,9 +19,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion import guidance
+from diffusion import inpaint
 from diffusion import samplers
 from diffusion import schedules
 from training import sharding
+from training import spaces
 from training import writers
 
 
@@ -77,53 +79,114 @@ class Sampler:
   """Draws num images with given params: x_T and labels from the seed, batches over every device.
 
   The params may be sharded (config.mesh.fsdp): the jitted sampler takes them as they lie.
+  The samplers run in space.shape (pixels, or an autoencoder's latents: training/spaces.py) and the
+  result is decoded to pixels; x0 is clipped to [-1, 1] at each step (config.sample.clip_x0) only in
+  pixel space. concat_channels > 0 is an inpainting model (cond["concat"]), sampled with inpaint().
   """
 
   def __init__(self, *, model: nn.Module, schedule: schedules.Schedule, options: SampleOptions,
-               mesh: jax.sharding.Mesh, image_shape: tuple[int, ...], num_classes: int):
+               mesh: jax.sharding.Mesh, image_shape: tuple[int, ...], num_classes: int,
+               space: spaces.Space | None = None, concat_channels: int = 0):
     self.options = options
     self.image_shape = tuple(image_shape)
     self.num_classes = num_classes
+    self.space = space or spaces.PixelSpace(data_shape=self.image_shape)
+    if tuple(self.space.shape) != self.image_shape:
+      raise ValueError(f"The model's input shape {self.image_shape} is not the shape "
+                       f"{tuple(self.space.shape)} of its space, {self.space.description}.")
+    self.concat_channels = concat_channels
+    self._model, self._schedule = model, schedule
     # Each compiled batch is padded to a multiple of the devices; the extra rows are dropped. The
     # rows kept are the same whatever the padding: with jax's partitionable threefry a draw of shape
     # [n + k, ...] begins with the draw of shape [n, ...].
     self._padded_batch = -(-options.batch_size // mesh.size) * mesh.size
     self._batch_sharding = sharding.batch_sharding(mesh)  # Along "data" and "fsdp".
     self._replicated = NamedSharding(mesh, P())
+    self._frozen = jax.device_put(self.space.params, self._replicated)
+    self._sample_batch = jax.jit(self._draw, out_shardings=self._batch_sharding)
+    self._inpaint_batch = jax.jit(self._draw_inpainted, out_shardings=self._batch_sharding)
 
-    def sample_batch(params, labels, rng):
-      noise_rng, sampler_rng = jax.random.split(rng)
-      x_T = jax.random.normal(noise_rng, (labels.shape[0], *self.image_shape))
-      x_T = jax.lax.with_sharding_constraint(x_T, self._batch_sharding)
+  def _denoise_fn(self, params, labels, extra=None):
+    options, num_classes = self.options, self.num_classes
 
-      def apply_fn(x, model_time, y):
-        return model.apply({"params": params}, x, model_time, y, train=False)
+    def apply_fn(x, model_time, cond):
+      return self._model.apply({"params": params}, x, model_time, cond, train=False)
 
-      denoise_fn = guidance.make_denoise_fn(
-          apply_fn, schedule=schedule, prediction=options.prediction,
-          labels=labels if num_classes else None, null_label=num_classes if num_classes else None,
-          guidance_scale=options.guidance_scale, guidance_rescale=options.guidance_rescale,
-          dynamic_threshold=options.dynamic_threshold, clip_x0=options.clip_x0)
-      x0 = samplers.sample(options.sampler, denoise_fn, x_T, sampler_rng, schedule=schedule,
-                           steps=options.steps, grid=options.grid, **options.sampler_options())
-      return jnp.clip(x0, -1.0, 1.0)
+    cond = {"label": labels} if num_classes else {}
+    cond.update(extra or {})
+    uncond = {**cond, **guidance.null_cond(num_classes=num_classes, batch_size=labels.shape[0])}
+    return guidance.make_denoise_fn(
+        apply_fn, schedule=self._schedule, prediction=options.prediction, cond=cond or None,
+        uncond=uncond if num_classes else None, guidance_scale=options.guidance_scale,
+        guidance_rescale=options.guidance_rescale, dynamic_threshold=options.dynamic_threshold,
+        clip_x0=options.clip_x0 and self.space.bounded)
 
-    self._sample_batch = jax.jit(sample_batch, out_shardings=self._batch_sharding)
+  def _x_T(self, labels, rng):
+    x_T = jax.random.normal(rng, (labels.shape[0], *self.image_shape))
+    return jax.lax.with_sharding_constraint(x_T, self._batch_sharding)
+
+  def _draw(self, params, frozen, labels, rng):
+    noise_rng, sampler_rng = jax.random.split(rng)
+    options = self.options
+    x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels), self._x_T(labels, noise_rng),
+                         sampler_rng, schedule=self._schedule, steps=options.steps, grid=options.grid,
+                         **options.sampler_options())
+    return jnp.clip(self.space.decode(frozen, x0), -1.0, 1.0)
+
+  def _draw_inpainted(self, params, frozen, labels, rng, image, mask):
+    """image [H, W, C] in [-1, 1] and mask [H, W, 1] (1 keep) at pixel resolution, for every row."""
+    noise_rng, sampler_rng = jax.random.split(rng)
+    options, space = self.options, self.space
+    images = jnp.broadcast_to(image, (labels.shape[0], *image.shape))
+    masks = jnp.broadcast_to(mask, (labels.shape[0], *mask.shape))
+    x_T = self._x_T(labels, noise_rng)
+    if self.concat_channels:  # An inpainting model sees the mask and the masked image (SD-inpainting).
+      extra = {"concat": spaces.inpaint_concat(space, frozen, images=images, mask=masks)}
+      x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels, extra), x_T, sampler_rng,
+                           schedule=self._schedule, steps=options.steps, grid=options.grid,
+                           **options.sampler_options())
+    else:  # Any other model: the known region follows its forward process (RePaint).
+      x0 = inpaint.inpaint(options.sampler, self._denoise_fn(params, labels), x_T, sampler_rng,
+                           known=space.encode(frozen, images, None),
+                           mask=inpaint.reduce_mask(masks, factor=space.factor),
+                           schedule=self._schedule, steps=options.steps, grid=options.grid,
+                           **options.sampler_options())
+    return jnp.clip(space.decode(frozen, x0), -1.0, 1.0)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, model: nn.Module,
                   schedule: schedules.Schedule, mesh: jax.sharding.Mesh,
-                  image_shape: tuple[int, ...]) -> "Sampler":
+                  image_shape: tuple[int, ...], space: spaces.Space | None = None) -> "Sampler":
     return cls(model=model, schedule=schedule, options=SampleOptions.from_config(config), mesh=mesh,
-               image_shape=image_shape, num_classes=config.model.num_classes)
+               image_shape=image_shape, num_classes=config.model.num_classes, space=space,
+               concat_channels=spaces.concat_channels(config, image_shape))
 
   def default_labels(self, num: int) -> np.ndarray:
     """Classes 0, 1, ..., num_classes - 1, repeated: each row of a grid shows every class."""
     return (np.arange(num) % max(self.num_classes, 1)).astype(np.int32)
 
-  def sample(self, params: Any, *, seed: int, num: int | None = None,
-             labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (uint8 images [num, H, W, C], int32 labels [num]) on every process."""
+  def sample(self, params: Any, *, seed: int, num: int | None = None, labels: np.ndarray | None = None,
+             image: np.ndarray | None = None,
+             mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (uint8 images [num, H, W, C], int32 labels [num]) on every process.
+
+    With image ([H, W, C] in [-1, 1]) and mask ([H, W, 1], 1 = keep, 0 = fill) at pixel resolution,
+    every image is an inpainting of image: by the model itself if it has the inpainting channels,
+    else by RePaint (config.sample.sampler ddpm or ddim) with the mask reduced to the latent grid
+    (inpaint.reduce_mask) and the known region encoded with the autoencoder's mode.
+    """
+    if (image is None) != (mask is None):
+      raise ValueError("image and mask go together (config.sample.image, config.sample.mask).")
+    if image is None and self.concat_channels:
+      raise ValueError("This model was trained for inpainting (config.diffusion.inpaint_training): "
+                       "give config.sample.image and config.sample.mask.")
+    if image is not None:
+      if not self.concat_channels and self.options.sampler not in inpaint.STEPS:
+        raise ValueError(f"config.sample.sampler={self.options.sampler!r} is not one of "
+                         f"{', '.join(inpaint.STEPS)} for inpainting with a model without inpainting "
+                         "channels (RePaint).")
+      image = jax.device_put(np.asarray(image, np.float32), self._replicated)
+      mask = jax.device_put(np.asarray(mask, np.float32), self._replicated)
     num = num or self.options.batch_size
     labels = self.default_labels(num) if labels is None else np.asarray(labels, np.int32)
     batch = self.options.batch_size
@@ -133,7 +196,10 @@ class Sampler:
       chunk[:min(batch, num - start)] = labels[start:start + batch]
       chunk = jax.device_put(chunk, self._replicated)
       rng = jax.random.fold_in(jax.random.key(seed), i)
-      x0 = self._sample_batch(params, chunk, rng)
+      if image is None:
+        x0 = self._sample_batch(params, self._frozen, chunk, rng)
+      else:
+        x0 = self._inpaint_batch(params, self._frozen, chunk, rng, image, mask)
       x0 = multihost_utils.process_allgather(x0, tiled=True) if jax.process_count() > 1 else x0
       images.append(np.asarray(jax.device_get(x0))[:batch])
     images = np.concatenate(images)[:num]

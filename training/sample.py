@@ -2,7 +2,8 @@
 
 The model, schedule and parameterisation come from the config saved with the checkpoint; the sampling
 settings (config.sample) from the command line. Results go to workdir/samples/ as a .npz (uint8 images,
-labels, the settings used) and a PNG grid, under a new name each time.
+labels, the settings used) and a PNG grid, under a new name each time. With config.sample.image and
+config.sample.mask, every image is an inpainting of that image (`_inpaint` in the file name).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import logging
 from evaluation import run as run_lib
 from training import config_check
 from training import generate
+from training import spaces
 from training import train as train_lib
 from training import writers
 
@@ -40,21 +42,29 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   trained, state, model, schedule = run_lib.load_run(workdir, config.sample.checkpoint_step, mesh=mesh,
                                                      step_key="config.sample.checkpoint_step")
   step = int(state.step)
-  # The checkpoint's own model and schedule; the sampling settings of the command line.
+  # The checkpoint's own model, schedule and space; the sampling settings of the command line.
   trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
+  image_shape = run_lib.image_shape(workdir, step)
+  space = spaces.space_for_run(trained, image_shape)
+  image = mask = None
+  if config.sample.image is not None or config.sample.mask is not None:
+    image, mask = config_check.read_inpaint_files(config.sample, data_shape=space.data_shape)
   sampler = generate.Sampler.from_config(trained, model=model, schedule=schedule,
-                                         mesh=mesh,
-                                         image_shape=run_lib.image_shape(workdir, step))
+                                         mesh=mesh, image_shape=image_shape, space=space)
   start = time.perf_counter()
-  images, labels = sampler.sample(state.ema_params, seed=trained.sample.seed, num=trained.sample.num)
+  images, labels = sampler.sample(state.ema_params, seed=trained.sample.seed, num=trained.sample.num,
+                                  image=image, mask=mask)
   seconds = time.perf_counter() - start
 
   s, o = trained.sample, sampler.options  # o: after config.sample.preset.
   stem = f"step{step}_{o.sampler}_{o.steps}steps_w{o.guidance_scale:g}_seed{s.seed}"
+  if image is not None:
+    stem += "_inpaint"
   out_dir = os.path.join(workdir, "samples")
   path = unique_path(out_dir, stem, (".npz", ".png"))
   settings = {"checkpoint_step": step, "seconds": seconds, "num_devices": jax.device_count(),
-              **sampler.options.__dict__, "seed": s.seed, "num": s.num}
+              **sampler.options.__dict__, "seed": s.seed, "num": s.num, "space": space.description,
+              "image": s.image, "mask": s.mask}
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(path + ".npz.tmp", "wb") as f:

@@ -26,6 +26,7 @@ from models import autoencoder as autoencoder_lib
 from models import discriminator as discriminator_lib
 from models import lpips as lpips_lib
 from training import autoencoder_step
+from training import spaces
 from training import train_step as train_step_lib
 from training import writers
 
@@ -49,8 +50,12 @@ def task_name(model_config: ml_collections.ConfigDict) -> str:
 
 
 def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...], rng: jax.Array,
-                   mesh: Optional[jax.sharding.Mesh] = None) -> Task:
-  """Denoising training (training/train_step.py); sample grids from the EMA parameters."""
+                   mesh: Optional[jax.sharding.Mesh] = None,
+                   space: Optional[spaces.Space] = None) -> Task:
+  """Denoising training (training/train_step.py) in space; sample grids from the EMA parameters.
+
+  The step's constants are the space's frozen parameters (the autoencoder's in latent space).
+  """
   from training import generate  # pylint: disable=g-import-not-at-top
   from training import train as train_lib  # pylint: disable=g-import-not-at-top
 
@@ -60,11 +65,15 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   step = train_step_lib.make_train_step(
       model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
       hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
-      num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng)
-  visualise = None
+      num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
+      encode=space.encode if space is not None else None,
+      condition=spaces.make_condition(config, space) if space is not None else None)
+  visualise = constants = None
+  if mesh is not None and space is not None:
+    constants = jax.device_put(space.params, NamedSharding(mesh, P()))
   if mesh is not None and config.training.sample_every:
     sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
-                                           image_shape=image_shape)
+                                           image_shape=image_shape, space=space)
 
     def visualise(state):
       images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
@@ -72,8 +81,9 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
 
   return Task(
       init_state=functools.partial(train_step_lib.init_state, model=model, tx=tx,
-                                   image_shape=image_shape, num_classes=config.model.num_classes),
-      train_step=lambda state, batch, constants: step(state, batch), constants=None,
+                                   image_shape=image_shape, num_classes=config.model.num_classes,
+                                   concat_channels=spaces.concat_channels(config, image_shape)),
+      train_step=step, constants=constants,
       metric_names=("loss", "grad_norm"), visualise=visualise, image_tag="samples",
       png_prefix="train_step_")
 
@@ -171,9 +181,15 @@ TASKS = {"diffusion": diffusion_task, "autoencoder": autoencoder_task}
 
 
 def create_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...], rng: jax.Array,
-                mesh: Optional[jax.sharding.Mesh] = None) -> Task:
-  """The task of config; without a mesh only init_state and train_step's shapes are usable."""
-  return TASKS[task_name(config.model)](config, image_shape=image_shape, rng=rng, mesh=mesh)
+                mesh: Optional[jax.sharding.Mesh] = None, space: Optional[spaces.Space] = None) -> Task:
+  """The task of config; without a mesh only init_state and train_step's shapes are usable.
+
+  space (training/spaces.py) is where a diffusion model's x0 comes from and its samples go: pixels
+  when None. An autoencoder is trained on pixels.
+  """
+  if task_name(config.model) == "autoencoder":
+    return autoencoder_task(config, image_shape=image_shape, rng=rng, mesh=mesh)
+  return diffusion_task(config, image_shape=image_shape, rng=rng, mesh=mesh, space=space)
 
 
 def reconstruct(config: ml_collections.ConfigDict, workdir: str) -> str:

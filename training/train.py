@@ -19,6 +19,7 @@ from diffusion import schedules
 from training import checkpoints
 from training import config_check
 from training import sharding
+from training import spaces
 from training import tasks
 from training import train_step as train_step_lib
 from training import writers
@@ -97,17 +98,27 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.TrainState:
   """Trains (or resumes training) the model of config in workdir; returns the final state."""
+  config_check.validate_latent(config)
+  autoencoder = None
+  if config.latent.autoencoder is not None:
+    autoencoder = spaces.load_autoencoder(config.latent.autoencoder)
   config_check.validate_config(config, device_count=jax.device_count(),
-                               process_count=jax.process_count())
+                               process_count=jax.process_count(),
+                               latent_factor=autoencoder[0].downsampling_factor if autoencoder else 1)
   checkpoints.check_workdir(workdir)
   mesh = create_mesh(config.mesh)
   logging.info("Mesh: data %d x fsdp %d.", mesh.shape[sharding.DATA], mesh.shape[sharding.FSDP])
   data = input_pipeline.create_dataset(config.data, global_batch_size=config.training.batch_size,
                                        seed=config.seed, mesh=mesh)
-  config_check.validate_against_data(config, num_classes=data.num_classes)
-  image_shape = (config.data.image_size, config.data.image_size, data.num_channels)
+  try:
+    config_check.validate_against_data(config, num_classes=data.num_classes)
+    config, space = _create_space(config, workdir, data=data, autoencoder=autoencoder)
+  except BaseException:
+    data.close()
+    raise
+  image_shape = space.shape  # The diffusion model's input: the images, or their latents.
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  task = tasks.create_task(config, image_shape=image_shape, rng=train_rng, mesh=mesh)
+  task = tasks.create_task(config, image_shape=image_shape, rng=train_rng, mesh=mesh, space=space)
 
   manager = checkpoints.create_manager(workdir, max_to_keep=config.training.max_to_keep,
                                        keep_every=config.training.keep_every)
@@ -117,6 +128,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   finally:
     manager.close()  # Waits for the saves in flight; its background threads end here, error or not.
     data.close()
+
+
+def _create_space(config, workdir, *, data, autoencoder):
+  """(config, space): in latent space without a given scale factor, the one of a previous start in
+  workdir, or else 1/std of the first config.latent.scale_batches batches' latents (the data iterator
+  is put back); the config returned holds it, so it is saved with every checkpoint and config.json.
+  """
+  space = spaces.create_space(config, channels=data.num_channels, autoencoder=autoencoder)
+  if config.latent.autoencoder is None or config.latent.scale_factor is not None:
+    return config, space
+  scale = spaces.saved_scale_factor(workdir, config.latent.autoencoder)
+  if scale is None:
+    position = data.get_state()
+    batches = [next(data)["image"] for _ in range(config.latent.scale_batches)]
+    data.set_state(position)
+    scale = spaces.estimate_scale_factor(space, batches)
+    logging.info("Latent scale factor 1/std of %d batches' latents: %.6g.", len(batches), scale)
+  else:
+    logging.info("Latent scale factor of the previous start in %s: %.6g.", workdir, scale)
+  config = config.copy_and_resolve_references()
+  config.latent.scale_factor = float(scale)
+  return config, spaces.create_space(config, channels=data.num_channels, autoencoder=autoencoder)
 
 
 def _train(config, workdir, *, manager, data, mesh, image_shape, task, init_rng):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from diffusion import guidance
 from diffusion import losses
 from diffusion import parameterization
 from diffusion import schedules
@@ -69,11 +70,16 @@ def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[optax.Gra
 
 
 def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-               image_shape: tuple[int, ...], num_classes: int) -> TrainState:
-  """Fresh parameters, their EMA copy and the optimizer state."""
+               image_shape: tuple[int, ...], num_classes: int, concat_channels: int = 0) -> TrainState:
+  """Fresh parameters, their EMA copy and the optimizer state.
+
+  concat_channels: extra input channels of cond["concat"] (SD-inpainting's mask + masked latents).
+  """
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32) if num_classes else None
-  params = model.init(rng, x, jnp.zeros((1,)), y, train=False)["params"]
+  cond = {"label": jnp.zeros((1,), jnp.int32)} if num_classes else {}
+  if concat_channels:
+    cond["concat"] = jnp.zeros((1, *image_shape[:-1], concat_channels), jnp.float32)
+  params = model.init(rng, x, jnp.zeros((1,)), cond, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 
@@ -111,6 +117,10 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
+Encode = Callable[[Any, jax.Array, jax.Array], jax.Array]
+Condition = Callable[[Any, dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
+
+
 def apply_if_finite(finite: jax.Array, state: TrainState, grads: Any, *,
                     tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
   """The optimizer and EMA update of state by grads if finite, else state unchanged (step included).
@@ -126,17 +136,26 @@ def apply_if_finite(finite: jax.Array, state: TrainState, grads: Any, *,
   return jax.lax.cond(finite, update, lambda state: state, state)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               schedule: schedules.Schedule, tx: optax.GradientTransformation,
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = None, *,
+               model: nn.Module, schedule: schedules.Schedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, hparams: DiffusionHParams, num_classes: int,
-               ema_decay: float, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+               ema_decay: float, rng: jax.Array, encode: Encode | None = None,
+               condition: Condition | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the denoising loss; a non-finite loss or gradient leaves the state as it was.
 
-  The step's randomness is fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
+  encode(frozen, images, rng) -> x0 maps the batch's images into the space the model diffuses in
+  (training/spaces.py; None: pixels as they are); frozen holds its fixed parameters (e.g. the
+  autoencoder's). condition(frozen, batch, rng) -> cond dict (None: {"label": batch["label"]} for a
+  class-conditional model); with probability p_uncond an example's entries are replaced by the null
+  ones (guidance.null_cond), key by key. The step's randomness is fold_in(rng, step), so a resumed run
+  draws what an uninterrupted one would.
   """
   rng = jax.random.fold_in(rng, state.step)
   t_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
-  x0, labels = batch["image"], batch["label"]
+  encode_rng, cond_rng = jax.random.split(jax.random.fold_in(rng, 1))
+  images = batch["image"]
+  x0 = images if encode is None else encode(frozen, images, encode_rng)
   batch_size = x0.shape[0]
 
   # Forward process at random times.
@@ -150,15 +169,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   x_in = parameterization.network_input(hparams.prediction, x_t=x_t, alpha=bcast(alpha),
                                         sigma=bcast(sigma), sigma_data=schedule.sigma_data)
 
-  # Label dropout to the null class trains the unconditional model for classifier-free guidance.
-  if num_classes:
-    drop = jax.random.uniform(label_rng, (batch_size,)) < hparams.p_uncond
-    labels = jnp.where(drop, num_classes, labels)
+  # Condition dropout to the null entries trains the unconditional model for classifier-free guidance.
+  if condition is not None:
+    cond = condition(frozen, batch, cond_rng)
   else:
-    labels = None
+    cond = {"label": batch["label"]} if num_classes else {}
+  drop = jax.random.uniform(label_rng, (batch_size,)) < hparams.p_uncond
+  cond = guidance.drop_cond(cond, null=guidance.null_cond(num_classes=num_classes,
+                                                          batch_size=batch_size), drop=drop)
 
   def loss_fn(params):
-    output = model.apply({"params": params}, x_in, schedule.model_time(t), labels, train=True,
+    output = model.apply({"params": params}, x_in, schedule.model_time(t), cond, train=True,
                          rngs={"dropout": dropout_rng})
     per_example = losses.denoising_loss(
         output, x0=x0, eps=noise, alpha=alpha, sigma=sigma, logsnr=logsnr,
@@ -176,8 +197,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, metrics
 
 
-def make_train_step(**kwargs) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """train_step with its static arguments bound, ready for jax.jit."""
-  def step(state, batch):
-    return train_step(state, batch, **kwargs)
+def make_train_step(**kwargs) -> Callable[..., tuple[TrainState, dict]]:
+  """train_step with its static arguments bound, ready for jax.jit: step(state, batch, frozen=None)."""
+  def step(state, batch, frozen=None):
+    return train_step(state, batch, frozen, **kwargs)
   return step
