@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.dit import DiT
+from models.sd_unet import SDUNet
 from models.unet import UNet
 
 # config.model.name -> the backbone; its own knobs are config.model.<name>, the shared ones config.model.*.
-MODELS = {"unet": UNet, "dit": DiT}
+MODELS = {"unet": UNet, "dit": DiT, "sd_unet": SDUNet}
 SHARED_FIELDS = ("num_classes", "dtype", "attention", "remat")
 # config.model.dtype: the compute dtype; parameters, optimizer state and EMA stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
