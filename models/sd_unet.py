@@ -83,7 +83,10 @@ class Attention(nn.Module):
     q, k, v = (nn.Dense(c, use_bias=False, dtype=self.dtype, name=name)(source)
                for name, source in (("to_q", x), ("to_k", context), ("to_v", context)))
     q, k, v = (a.reshape(a.shape[0], a.shape[1], self.heads, c // self.heads) for a in (q, k, v))
-    if self.upcast:  # The XLA implementation already forms 16-bit logits in float32; this holds for all.
+    # jax's XLA implementation already forms the logits of 16-bit inputs in float32, and cuDNN's fused
+    # kernels keep scores and softmax in float32 (and take only 16-bit inputs); upcasting makes sure of
+    # it for any other implementation jax may pick.
+    if self.upcast and self.attention != "cudnn":
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     # [B, T, N, H], scaled by 1/sqrt(H).
     h = jax.nn.dot_product_attention(q, k, v, implementation=self.attention).astype(self.dtype)
@@ -131,7 +134,7 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-  """diffusers' Transformer2DModel (one block): GroupNorm, proj_in, the block over H * W tokens, proj_out, + x.
+  """diffusers' Transformer2DModel (one block): GroupNorm, proj_in, the block on H * W tokens, proj_out, +x.
 
   The projections are 1x1 convolutions (SD 1.x) or Dense layers on the tokens (SD 2.x,
   use_linear_projection): the same function, stored with different shapes.
@@ -278,7 +281,8 @@ class SDUNet(nn.Module):
   def _inputs(self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]]):
     """(x joined with cond["concat"], t [B], context, label), each checked against the config."""
     if cond is not None and not isinstance(cond, Mapping):
-      raise TypeError(f"SDUNet takes cond as a dict {{'context': [B, L, D], ...}}, got {type(cond).__name__}.")
+      raise TypeError("SDUNet takes cond as a dict {'context': [B, L, D], ...}, got "
+                      f"{type(cond).__name__}.")
     cond = dict(cond or {})
     if "concat" in cond:
       x = jnp.concatenate([x, jnp.asarray(cond["concat"], x.dtype)], axis=-1)

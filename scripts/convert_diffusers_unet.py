@@ -105,7 +105,7 @@ def parameter_shapes(kwargs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def diffusers_name(path: str) -> str:
-  """Our module path 'down_blocks_0/attentions_1/proj_in' -> diffusers' 'down_blocks.0.attentions.1.proj_in'."""
+  """Our path 'down_blocks_0/attentions_1/proj_in' -> diffusers' 'down_blocks.0.attentions.1.proj_in'."""
   return ".".join(_LISTS.sub(r"\1.\2", part) for part in path.split("/"))
 
 

@@ -20,8 +20,9 @@ TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim
 
 def _count(model, *, cross_attention_dim):
   # 8x8 latents: the parameters do not depend on the size, and tracing a small one is quicker.
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, model.in_channels)),
-                                             jnp.zeros((1,)), {"context": jnp.zeros((1, 1, cross_attention_dim))}))
+  cond = {"context": jnp.zeros((1, 1, cross_attention_dim))}
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, model.in_channels)),
+                          jnp.zeros((1,)), cond)
   return models.count_params(shapes["params"])
 
 
