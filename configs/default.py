@@ -51,6 +51,20 @@ def get_config() -> ml_collections.ConfigDict:
   autoencoder.mid_attention = True  # Self-attention in the middle of encoder and decoder.
   autoencoder.use_quant_conv = True  # 1x1 convolutions between moments and latents (as SD).
 
+  model.sd_unet = sd_unet = ml_collections.ConfigDict()  # models/sd_unet.py, Stable Diffusion's UNet; the defaults are SD 1.5's.
+  sd_unet.block_out_channels = (320, 640, 1280, 1280)  # Channels of each resolution level (diffusers' block_out_channels).
+  sd_unet.layers_per_block = 2  # ResNet (+ transformer) layers per down block; up blocks have one more.
+  sd_unet.down_block_types = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # Per level: "CrossAttnDownBlock2D" (with cross-attention) or "DownBlock2D".
+  sd_unet.up_block_types = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3  # Per level, lowest resolution first: "UpBlock2D" or "CrossAttnUpBlock2D".
+  sd_unet.attention_head_dim = (8, 8, 8, 8)  # Attention HEADS per level, despite diffusers' name (SD 1.x 8; SD 2.x (5, 10, 20, 20): heads of 64 channels).
+  sd_unet.cross_attention_dim = 768  # Width of the text context (SD 1.x 768, SD 2.x 1024).
+  sd_unet.use_linear_projection = False  # Transformer proj_in/out as Dense layers (SD 2.x) instead of 1x1 convolutions (SD 1.x).
+  sd_unet.upcast_attention = False  # Attention scores in float32 under a 16-bit dtype (SD 2.1).
+  sd_unet.in_channels = 4  # Latent channels in, with cond["concat"] if given (SD-inpainting: 9).
+  sd_unet.out_channels = 4  # Channels predicted.
+  sd_unet.norm_num_groups = 32  # GroupNorm groups; they must divide every block_out_channels entry.
+  sd_unet.dropout = 0.0  # Dropout in the ResNet blocks.
+
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = "vp"  # Forward process: "vp" (config.diffusion.schedule), "edm" (Karras et al. 2022, sigma_min..sigma_max) or "flow" (x_t = (1 - t) x0 + t eps); edm and flow need num_timesteps=0.
   diffusion.schedule = "linear"  # "vp" process: "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).

@@ -10,10 +10,11 @@ import numpy as np
 
 from models.autoencoder import AutoencoderKL
 from models.dit import DiT
+from models.sd_unet import SDUNet
 from models.unet import UNet
 
 # config.model.name -> the backbone; its own knobs are config.model.<name>, the shared ones config.model.*.
-MODELS = {"unet": UNet, "dit": DiT, "autoencoder": AutoencoderKL}
+MODELS = {"unet": UNet, "dit": DiT, "autoencoder": AutoencoderKL, "sd_unet": SDUNet}
 SHARED_FIELDS = ("num_classes", "dtype", "attention", "remat")
 # config.model.dtype: the compute dtype; parameters, optimizer state and EMA stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from models import autoencoder
 from models import clip
+from models import sd_unet
 
 
 def save(directory: str, *, kind: str, kwargs: dict[str, Any], params: Any, **extra: Any) -> None:
@@ -102,3 +103,14 @@ def load_text_encoder(directory: str) -> tuple[clip.CLIPTextTransformer, Any, di
   """(module, params, description) of a converted CLIP text encoder (scripts/convert_clip.py)."""
   description, params = load(directory, kind="clip_text")
   return clip.CLIPTextTransformer(**description["kwargs"]), params, description
+
+
+def sd_unet_module(kwargs: dict[str, Any]) -> sd_unet.SDUNet:
+  """The SDUNet of a model.json's kwargs (JSON lists become the module's tuples)."""
+  return sd_unet.SDUNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
+
+def load_sd_unet(directory: str) -> tuple[sd_unet.SDUNet, Any, dict[str, Any]]:
+  """(module, params, description) of a converted SD UNet (scripts/convert_diffusers_unet.py)."""
+  description, params = load(directory, kind="sd_unet")
+  return sd_unet_module(description["kwargs"]), params, description

@@ -13,6 +13,7 @@ from diffusion import losses
 from diffusion import parameterization
 from diffusion import samplers
 from diffusion import schedules
+from models import sd_unet
 from training import autoencoder_step
 from training import sharding
 from training import train_step
@@ -80,8 +81,36 @@ def _validate_autoencoder(autoencoder: ml_collections.ConfigDict, *, image_size:
            f"downsampling for config.model.autoencoder.ch_mult={ch_mult}.")
 
 
+def _validate_sd_unet(sd: ml_collections.ConfigDict, *, image_size: int) -> None:
+  del image_size  # The SD UNet sees latents, whose size the autoencoder sets.
+  widths, levels = tuple(sd.block_out_channels), len(sd.block_out_channels)
+  _require(levels > 0 and all(isinstance(w, int) and w > 0 for w in widths),
+           f"config.model.sd_unet.block_out_channels={widths} must be a non-empty tuple of positive ints.")
+  for key in ("layers_per_block", "cross_attention_dim", "in_channels", "out_channels", "norm_num_groups"):
+    _require(isinstance(sd[key], int) and sd[key] > 0,
+             f"config.model.sd_unet.{key}={sd[key]!r} must be a positive integer.")
+  _require(0.0 <= sd.dropout < 1.0, f"config.model.sd_unet.dropout={sd.dropout} must be in [0, 1).")
+  for key, allowed in (("down_block_types", sd_unet.DOWN_BLOCKS), ("up_block_types", sd_unet.UP_BLOCKS)):
+    types = tuple(sd[key])
+    _require(len(types) == levels and all(t in allowed for t in types),
+             f"config.model.sd_unet.{key}={types} must have {levels} entries (one per block_out_channels), "
+             f"each one of {', '.join(allowed)}.")
+  heads = sd.attention_head_dim
+  heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
+  _require(len(heads) == levels and all(isinstance(h, int) and h > 0 for h in heads),
+           f"config.model.sd_unet.attention_head_dim={sd.attention_head_dim} must be a positive int or "
+           f"{levels} of them (the heads of each level).")
+  for width, h in zip(widths, heads):
+    _require(width % h == 0, f"config.model.sd_unet.attention_head_dim: {h} heads do not divide the {width} "
+             "channels of their level.")
+    _require(width % sd.norm_num_groups == 0, f"config.model.sd_unet.norm_num_groups={sd.norm_num_groups} "
+             f"does not divide block_out_channels entry {width}.")
+
+
+
 # config.model.name -> the checks of its config.model.<name> section.
-_MODEL_CHECKS = {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder}
+_MODEL_CHECKS = {"unet": _validate_unet, "dit": _validate_dit, "autoencoder": _validate_autoencoder,
+                 "sd_unet": _validate_sd_unet}
 
 
 def validate_model(model: ml_collections.ConfigDict, *, image_size: int) -> None:
