@@ -137,6 +137,10 @@ def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | No
   _require(sample.eta >= 0, f"config.sample.eta={sample.eta} must be >= 0.")
   if sample.grid is not None:
     _choice("sample.grid", sample.grid, tuple(grids.GRIDS))
+  if sample.get("grid_file") is not None:
+    _require(sample.grid is None, f"config.sample.grid={sample.grid!r} and config.sample.grid_file="
+             f"{sample.grid_file!r} both name a grid; set one of them.")
+    grids.read_grid_file(sample.grid_file, steps=sample.steps)
   _choice("sample.ddpm_variance", sample.ddpm_variance, ("small", "large"))
   _require(sample.s_churn >= 0, f"config.sample.s_churn={sample.s_churn} must be >= 0.")
   _require(sample.guidance_scale >= 0, f"config.sample.guidance_scale={sample.guidance_scale} must be >= 0.")

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion import grids
 from diffusion import guidance
 from diffusion import samplers
 from diffusion import schedules
@@ -31,6 +32,7 @@ class SampleOptions:
   sampler: str = "ddim"
   steps: int = 100
   grid: str | None = None
+  timesteps: tuple[float, ...] | None = None  # From config.sample.grid_file; replaces grid.
   eta: float = 0.0
   ddpm_variance: str = "small"
   s_churn: float = 0.0
@@ -44,7 +46,10 @@ class SampleOptions:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SampleOptions":
     s = config.sample
-    return cls(sampler=s.sampler, steps=s.steps, grid=s.grid, eta=s.eta, ddpm_variance=s.ddpm_variance,
+    timesteps = None
+    if s.get("grid_file") is not None:
+      timesteps = grids.read_grid_file(s.grid_file, steps=s.steps)
+    return cls(sampler=s.sampler, steps=s.steps, grid=s.grid, timesteps=timesteps, eta=s.eta, ddpm_variance=s.ddpm_variance,
                s_churn=s.s_churn, guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
                dynamic_threshold=s.dynamic_threshold, clip_x0=s.clip_x0, batch_size=s.batch_size,
                prediction=config.diffusion.prediction)
@@ -89,7 +94,9 @@ class Sampler:
           guidance_scale=options.guidance_scale, guidance_rescale=options.guidance_rescale,
           dynamic_threshold=options.dynamic_threshold, clip_x0=options.clip_x0)
       x0 = samplers.sample(options.sampler, denoise_fn, x_T, sampler_rng, schedule=schedule,
-                           steps=options.steps, grid=options.grid, **options.sampler_options())
+                           steps=options.steps, grid=options.grid,
+                           timesteps=None if options.timesteps is None else jnp.asarray(options.timesteps),
+                           **options.sampler_options())
       return jnp.clip(x0, -1.0, 1.0)
 
     self._sample_batch = jax.jit(sample_batch, out_shardings=self._batch_sharding)
