@@ -129,6 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
   sample.sampler = "ddim"  # Sampler name, looked up in diffusion.samplers.SAMPLERS.
   sample.steps = 100  # Number of sampler steps.
   sample.grid = ml_collections.config_dict.placeholder(str)  # Time grid (diffusion.grids.GRIDS); None = the sampler's default.
+  sample.grid_file = ml_collections.config_dict.placeholder(str)  # JSON {"timesteps": [1, ..., 0]} of steps + 1 times (scripts/optimize_grid.py); replaces grid. None = off.
   sample.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM ancestral).
   sample.ddpm_variance = "small"  # DDPM posterior variance: "small" (beta-tilde) or "large" (beta).
   sample.preset = ml_collections.config_dict.placeholder(str)  # Named sampler settings (diffusion.samplers.PRESETS: "edm", "edm_stochastic"); replaces sampler, grid and s_*; None = those keys.

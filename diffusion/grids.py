@@ -14,6 +14,8 @@ fractional time, which its sinusoidal embedding takes as it is; diffusers rounds
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable
 
 import jax.numpy as jnp
@@ -123,3 +125,26 @@ def make_grid(name: str, schedule: schedules.Schedule, steps: int, **options) ->
   if steps < 1:
     raise ValueError(f"config.sample.steps={steps} must be positive.")
   return GRIDS[name](schedule=schedule, steps=steps, **options)
+
+
+def read_grid_file(path: str, *, steps: int) -> tuple[float, ...]:
+  """The times of config.sample.grid_file, a JSON {"timesteps": [t_0, ..., t_N]} (scripts/optimize_grid.py).
+
+  The grid must have steps + 1 strictly decreasing times from t_0 <= 1 to t_N = 0.
+  """
+  key = f"config.sample.grid_file={path!r}"
+  if not os.path.isfile(path):
+    raise ValueError(f"{key} is not a file.")
+  try:
+    with open(path) as f:
+      times = json.load(f)["timesteps"]
+    times = tuple(float(t) for t in times)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{key} is not a JSON object with a list of numbers "timesteps": {e}') from None
+  if len(times) != steps + 1:
+    raise ValueError(f"{key} holds {len(times) - 1} steps, not config.sample.steps={steps}; pass "
+                     f"--config.sample.steps={len(times) - 1}.")
+  t = np.asarray(times)
+  if not (np.all(np.isfinite(t)) and t[0] <= 1.0 and t[-1] == 0.0 and np.all(np.diff(t) < 0)):
+    raise ValueError(f"{key}: the times must decrease strictly from t_0 <= 1 to 0; got {list(times)}.")
+  return times

@@ -87,7 +87,8 @@ def ddim_update(*, x0: Array, eps: Array, noise: Array, logsnr_t: Array, logsnr_
                 eta: float | Array) -> Array:
   """Song et al. 2021, Eq. 12, 16: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, c = eta sqrt(beta~)."""
   small, _ = ddpm_variances(logsnr_t=logsnr_t, logsnr_s=logsnr_s)
-  c = eta * jnp.sqrt(small)
+  # At eta = 0 no sqrt: its infinite slope at the step to t = 0 would make the gradient in t NaN.
+  c = 0.0 if isinstance(eta, (int, float)) and eta == 0 else eta * jnp.sqrt(small)
   var_s = jax.nn.sigmoid(-logsnr_s)
   return jnp.sqrt(jax.nn.sigmoid(logsnr_s)) * x0 + jnp.sqrt(jnp.maximum(var_s - c**2, 0.0)) * eps + c * noise
 
@@ -383,6 +384,14 @@ def sample_unipc(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array
   return _scan(body, carry, timesteps, rng)[0]  # Deterministic: the keys go unused.
 
 
+def sample_unipc3(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
+                  schedule: schedules.Schedule, lower_order_final: bool = True,
+                  use_corrector: bool = True) -> Array:
+  """UniPC-3 (Zhao et al. 2023, Alg. 2-3, bh2): UniP-3 with UniC-3, order 4 (3 without the corrector)."""
+  return sample_unipc(denoise_fn, x_T, timesteps, rng, schedule=schedule, order=3,
+                      lower_order_final=lower_order_final, use_corrector=use_corrector)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Euler, Euler ancestral and Heun in Karras et al.'s variables sigma = sigma_t / alpha_t, x = x_t / alpha_t.
 
@@ -497,6 +506,7 @@ SAMPLERS: dict[str, Callable[..., Array]] = {
     "euler": sample_euler,
     "euler_a": sample_euler_a,
     "heun": sample_heun,
+    "unipc3": sample_unipc3,
 }
 
 # The grid each sampler takes by default, on a discrete and on a continuous schedule, chosen by
@@ -519,6 +529,7 @@ DEFAULT_GRIDS: dict[str, tuple[str, str]] = {
     "euler": ("karras", "karras"),
     "euler_a": ("karras", "karras"),
     "heun": ("karras", "karras"),
+    "unipc3": ("logsnr", "logsnr"),
 }
 
 
@@ -557,8 +568,14 @@ def num_evaluations(name: str, steps: int) -> int:
 
 
 def sample(name: str, denoise_fn: DenoiseFn, x_T: Array, rng: Array, *, schedule: schedules.Schedule,
-           steps: int, grid: str | None = None, **options) -> Array:
-  """x_0 from x_T with the sampler and grid named by config.sample; jittable, name/steps/grid static."""
+           steps: int, grid: str | None = None, timesteps: Array | None = None, **options) -> Array:
+  """x_0 from x_T with the sampler and grid named by config.sample; jittable, name/steps/grid static.
+
+  timesteps, where given (a grid read from config.sample.grid_file), replaces the named grid.
+  """
   sampler = get_sampler(name)
-  timesteps = grids.make_grid(grid or default_grid(name, schedule), schedule, steps)
+  if timesteps is None:
+    timesteps = grids.make_grid(grid or default_grid(name, schedule), schedule, steps)
+  elif len(timesteps) != steps + 1:
+    raise ValueError(f"a grid of {len(timesteps)} times does not have config.sample.steps={steps} steps.")
   return sampler(denoise_fn, x_T, timesteps, rng, schedule=schedule, **options)

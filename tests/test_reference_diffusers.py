@@ -219,3 +219,10 @@ def test_euler(x_T):
   scheduler.set_timesteps(steps)
   got = theirs(scheduler, x_T, steps, init_scale=_one_over_alpha(scheduler))
   np.testing.assert_allclose(ours("euler", x_T, steps), got, atol=ATOL)
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_unipc3(x_T, steps):
+  scheduler = diffusers.UniPCMultistepScheduler(**common(solver_order=3, solver_type="bh2",
+                                                         lower_order_final=True))
+  np.testing.assert_allclose(ours("unipc3", x_T, steps), theirs(scheduler, x_T, steps), atol=ATOL)

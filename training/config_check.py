@@ -252,6 +252,10 @@ def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | No
   _require(sample.eta >= 0, f"config.sample.eta={sample.eta} must be >= 0.")
   if sample.grid is not None:
     _choice("sample.grid", sample.grid, tuple(grids.GRIDS))
+  if sample.get("grid_file") is not None:
+    _require(sample.grid is None, f"config.sample.grid={sample.grid!r} and config.sample.grid_file="
+             f"{sample.grid_file!r} both name a grid; set one of them.")
+    grids.read_grid_file(sample.grid_file, steps=sample.steps)
   _choice("sample.ddpm_variance", sample.ddpm_variance, ("small", "large"))
   if sample.preset is not None:
     _choice("sample.preset", sample.preset, tuple(samplers.PRESETS))

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion import grids
 from diffusion import guidance
 from diffusion import inpaint
 from diffusion import samplers
@@ -34,6 +35,7 @@ class SampleOptions:
   sampler: str = "ddim"
   steps: int = 100
   grid: str | None = None
+  timesteps: tuple[float, ...] | None = None  # From config.sample.grid_file; replaces grid.
   eta: float = 0.0
   ddpm_variance: str = "small"
   s_churn: float = 0.0
@@ -58,10 +60,18 @@ class SampleOptions:
       if s.preset not in samplers.PRESETS:
         raise ValueError(f"config.sample.preset={s.preset!r} is not one of {', '.join(samplers.PRESETS)}.")
       karras.update(samplers.PRESETS[s.preset])
-    return cls(steps=s.steps, eta=s.eta, ddpm_variance=s.ddpm_variance, preset=s.preset,
+    timesteps = None
+    if s.get("grid_file") is not None:
+      timesteps = grids.read_grid_file(s.grid_file, steps=s.steps)
+    return cls(steps=s.steps, timesteps=timesteps, eta=s.eta, ddpm_variance=s.ddpm_variance,
+               preset=s.preset,
                guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
                dynamic_threshold=s.dynamic_threshold, clip_x0=s.clip_x0, batch_size=s.batch_size,
                prediction=config.diffusion.prediction, **karras)
+
+  def timesteps_array(self) -> jax.Array | None:
+    """The time grid of config.sample.grid_file, or None for the named grid."""
+    return None if self.timesteps is None else jnp.asarray(self.timesteps)
 
   def sampler_options(self) -> dict[str, Any]:
     """The keyword options of the chosen sampler (the others' knobs do not apply to it)."""
@@ -130,7 +140,7 @@ class Sampler:
     options = self.options
     x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels), self._x_T(labels, noise_rng),
                          sampler_rng, schedule=self._schedule, steps=options.steps, grid=options.grid,
-                         **options.sampler_options())
+                         timesteps=options.timesteps_array(), **options.sampler_options())
     return jnp.clip(self.space.decode(frozen, x0), -1.0, 1.0)
 
   def _draw_inpainted(self, params, frozen, labels, rng, image, mask):
@@ -144,7 +154,7 @@ class Sampler:
       extra = {"concat": spaces.inpaint_concat(space, frozen, images=images, mask=masks)}
       x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels, extra), x_T, sampler_rng,
                            schedule=self._schedule, steps=options.steps, grid=options.grid,
-                           **options.sampler_options())
+                           timesteps=options.timesteps_array(), **options.sampler_options())
     else:  # Any other model: the known region follows its forward process (RePaint).
       x0 = inpaint.inpaint(options.sampler, self._denoise_fn(params, labels), x_T, sampler_rng,
                            known=space.encode(frozen, images, None),
