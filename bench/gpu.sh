@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command: the cifar10 config (35.7M UNet) in bf16 at batch 128 and 512 against the
-# PyTorch peer (diffusers UNet2DModel, eager and torch.compile, autocast bf16) on CUDA in the same run,
-# alternating; MFU against bench/train.py's PEAK_TFLOPS and the ratio ours/peer; the fp32 (TF32) and remat
-# switches; then sampling (DPM-Solver++ 20 steps, DDPM 1000 steps, batch 256). About 10 minutes on an H100.
+# The GPU benchmark in one command, about 8 minutes on an H100/H200:
+# - the cifar10 UNet (35.7M) in bf16 at batch 128 against the PyTorch peer (diffusers UNet2DModel, eager and
+#   torch.compile, autocast bf16) on CUDA in the same run, alternating, with MFU and the ratio ours/peer;
+# - DiT-XL/2 (675M) in bf16 at batch 256 on 32x32x4 latents (configs/imagenet256_dit.py's step, ImageNet
+#   256px in SD latents), XLA and cuDNN attention, with MFU;
+# - one SD 1.5-shaped UNet forward (859M, random weights) at 64x64x4 latents, batch 1 and 2, bf16, beside
+#   diffusers' UNet2DConditionModel.
 #
 #   bash bench/gpu.sh fetch   # on a machine with pip access: the wheels a GPU image may lack, into .whl/
 #   bash bench/gpu.sh         # on the GPU machine: installs .whl/*.whl (if any) into /tmp/site, runs all
 #
-# Needs jax with CUDA, flax, optax, torch with CUDA and diffusers in $PYTHON (default python3). JSON and logs
-# go to $OUT if set, else bench/results/.
+# Needs jax with CUDA, flax, optax, orbax, torch with CUDA and diffusers in $PYTHON (default python3). JSON
+# and logs go to $OUT if set, else bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -45,12 +48,9 @@ run() {  # run NAME SECONDS ARGS...: one bench, its log beside the JSON; a failu
 }
 
 PEER=(--peer --peer_python "$PY" --peer_modes peer_eager,peer_compiled --peer_dtypes bfloat16)
-# bf16 (the headline), fp32 (TF32 on the tensor cores), remat, cuDNN attention (head size 256 at the
-# 16x16 level may be beyond it: then recorded under variant_errors).
-run train-b128 240 bench/train.py --config configs/cifar10.py --batch_sizes 128 \
-  --variants bf16,fp32,bf16_remat,bf16_cudnn --steps 30 --rounds 3 "${PEER[@]}"
-run train-b512 200 bench/train.py --config configs/cifar10.py --batch_sizes 512 \
-  --variants bf16,bf16_remat --steps 21 --rounds 3 "${PEER[@]}"
-run sample-b256 150 bench/sample.py --config configs/cifar10.py --batch_sizes 256 \
-  --samplers dpmpp_2m:20,ddpm:1000 --variants bf16 --runs 2 --rounds 2 --peer --peer_python "$PY"
+run unet-b128 170 bench/train.py --config configs/cifar10.py --batch_sizes 128 --variants bf16 \
+  --steps 30 --rounds 3 "${PEER[@]}"
+run dit-xl2-b256 210 bench/train.py --config configs/imagenet256_dit.py --latent_shape 32,32,4 \
+  --batch_sizes 256 --variants bf16,bf16_cudnn --steps 12 --rounds 2
+run sd-unet 130 bench/sd_unet.py --dtypes bfloat16 --batch_sizes 1,2 --steps 10 --peer --peer_python "$PY"
 exit $status

@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import models
+from bench import flops as flops_lib
 from diffusion import schedules
 from training import sharding
 from training import train_step as train_step_lib
@@ -238,8 +239,11 @@ class OursTrain:
     start = time.perf_counter()
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - start
-    flops = cost_flops(self.compiled)  # Per device: the batch is split over all of them.
-    self.flops = flops and flops * jax.device_count()
+    xla_flops = cost_flops(self.compiled)  # Per device: the batch is split over all of them.
+    self.xla_flops = xla_flops and xla_flops * jax.device_count()
+    # MFU's numerator: the step's matrix products and convolutions, counted from its jaxpr
+    # (bench/flops.py); XLA's count leaves out what becomes a cuDNN or cuBLAS call on GPUs.
+    self.flops = flops_lib.count_flops(step, self.state, self.batch_data)
     self.xla_memory = xla_memory_bytes(self.compiled)
     self.peak_memory = (None, "not run")
     if not compile_only:
@@ -404,6 +408,9 @@ def parse_args(argv=None, *, description: str = __doc__) -> argparse.Namespace:
   parser.add_argument("--compile_only", action="store_true",
                       help="Compile only (no state allocated, nothing timed): state bytes per device and "
                            "XLA's memory analysis, for models too large for this host.")
+  parser.add_argument("--latent_shape", default=None, metavar="H,W,C",
+                      help="Time the step on latents of this shape (a latent config's autoencoder is not "
+                           "loaded: the batch is random anyway), e.g. 32,32,4 for 256px SD latents.")
   parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json).")
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # Worker: --batch, --variant.
   parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -425,6 +432,13 @@ def prepare(args, *, bench: str, cpu_setting: str, batch_sizes: list[int], cpu_d
   if args.peer and peer_python is None:
     raise SystemExit("--peer needs torch and diffusers: pass --peer_python (requirements-bench.txt).")
   channels = 1 if base.data.name == "digits" else 3
+  if getattr(args, "latent_shape", None):
+    height, width, channels = (int(v) for v in args.latent_shape.split(","))
+    if height != width:
+      raise SystemExit(f"--latent_shape={args.latent_shape}: latents must be square (H = W).")
+    base.data.image_size = height
+  elif base.get("latent") and base.latent.autoencoder is not None:
+    raise SystemExit(f"{args.config} trains in an autoencoder's latent space: pass --latent_shape H,W,C.")
   results = {"bench": bench, "config": args.config, "args": vars(args),
              "device": {**device_info(), "cpu_setting": cpu},
              "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": []}
@@ -448,7 +462,8 @@ def apply_cpu_setting(name: str, base: ml_collections.ConfigDict, batch_sizes: l
 
 def ours_facts(ours: "OursTrain", config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The table row's facts about one compiled variant of our step."""
-  return dict(compile_s=ours.compile_s, trace_s=ours.trace_s, flops=ours.flops, mesh=ours.mesh,
+  return dict(compile_s=ours.compile_s, trace_s=ours.trace_s, flops=ours.flops, xla_flops=ours.xla_flops,
+              mesh=ours.mesh,
               state_bytes_per_device=ours.state_bytes,
               xla_memory_bytes=ours.xla_memory, peak_memory_bytes=ours.peak_memory[0],
               peak_memory_kind=ours.peak_memory[1] + " (running peak of this process)",
@@ -531,6 +546,8 @@ def start_worker(args, setting: str, variant: str, batch: int, mesh: str | None 
     cmd.append("--quick")
   if mesh:
     cmd += ["--meshes", mesh]
+  if args.latent_shape:
+    cmd += ["--latent_shape", args.latent_shape]
   return Worker(cmd, env=env)
 
 

@@ -13,7 +13,7 @@ def get_config():
   config.data.name = "celeb_a"
   config.data.image_size = 64
   config.data.random_flip = True
-  config.latent.autoencoder = None  # Required: --config.latent.autoencoder=DIR (an SD 1.x autoencoder).
+  config.latent.autoencoder = "~/models/sd15_vae"  # An SD 1.x autoencoder, converted; a missing one is an error.
   config.latent.scale_factor = 0.18215  # SD 1.x's scaling_factor (its vae/config.json).
 
   config.model.unet.ch = 128

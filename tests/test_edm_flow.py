@@ -57,8 +57,9 @@ def mixture_samples(n, seed):
   return MU[k] + S[k, None] * rng.normal(size=(n, 2)), rng.normal(size=(n, 2))
 
 
-def edm_apply_fn(x_in, model_time, labels):
+def edm_apply_fn(x_in, model_time, cond):
   """The exact F of the (class) mixture from Table 1: sigma from c_noise, F = (D - c_skip x) / c_out."""
+  labels = None if not cond else cond["label"]
   sigma = jnp.exp(4.0 * model_time[0])  # c_noise = ln(sigma) / 4.
   c_skip, c_out, c_in, _ = karras_preconditioning(sigma, EDM.sigma_data)
   x = x_in / c_in  # Karras's x = x0 + sigma n.
@@ -68,8 +69,9 @@ def edm_apply_fn(x_in, model_time, labels):
   return (d - c_skip * x) / c_out
 
 
-def velocity_apply_fn(x_in, model_time, labels):
+def velocity_apply_fn(x_in, model_time, cond):
   """The exact flow velocity E[eps - x0 | x] of the (class) mixture, x = (1 - t) x0 + t eps."""
+  labels = None if not cond else cond["label"]
   t = model_time[0] / 1000.0
   alpha, sigma = (a.astype(x_in.dtype) for a in FLOW.alpha_sigma(t))
   weights = W if labels is None else jnp.where((labels == NULL)[:, None], W, jax.nn.one_hot(labels, K))
@@ -264,8 +266,9 @@ def test_guidance_mixes_the_conditional_and_unconditional_denoisers(process):
 
   @jax.jit
   def guided_x0(w):
-    return guidance.make_denoise_fn(apply_fn, schedule=schedule, prediction=prediction, labels=labels,
-                                    null_label=NULL, guidance_scale=w)(x, t)[0]
+    return guidance.make_denoise_fn(
+        apply_fn, schedule=schedule, prediction=prediction, cond={"label": labels},
+        uncond=guidance.null_cond(num_classes=NULL, batch_size=labels.shape[0]), guidance_scale=w)(x, t)[0]
   for w, expected in ((0.0, uncond), (1.0, cond), (2.0, 2 * cond - uncond)):
     np.testing.assert_allclose(guided_x0(jnp.float32(w)), expected, atol=2e-5)
 
