@@ -11,7 +11,7 @@ from configs import digits
 def get_config():
   config = digits.get_config()
   config.data.image_size = 32  # 32x32 pixels -> 8x8x4 latents with a factor-4 autoencoder.
-  config.latent.autoencoder = None  # Required: --config.latent.autoencoder=DIR.
+  config.latent.autoencoder = "runs/digits_vae"  # What `main.py --config=configs/digits_vae.py --workdir=runs/digits_vae` trains.
 
   config.model.unet.ch = 32
   config.model.unet.ch_mult = (1, 2)
