@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import layers
+
 Dtype = Any
 
 # Peebles & Xie 2023, Table 1: (hidden size, depth, heads) of DiT-S, -B, -L and -XL.
@@ -115,16 +117,7 @@ class DiT(nn.Module):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"config.model.dit.num_heads={self.num_heads} does not divide the hidden size "
                        f"{self.hidden_size}.")
-    if t.shape not in ((), (x.shape[0],)):
-      raise ValueError(f"t must be a scalar or have shape [B]=({x.shape[0]},), got {t.shape}.")
-    unknown = sorted(set(cond) - {"label", "concat"})
-    if unknown:
-      raise ValueError(f"Unknown conditioning keys {unknown}; {type(self).__name__} reads 'label' and "
-                       "'concat'.")
-    if "label" in cond and self.num_classes == 0:
-      raise ValueError("Labels were given but config.model.num_classes=0 (unconditional model).")
-    if "concat" in cond and cond["concat"].shape[:3] != x.shape[:3]:
-      raise ValueError(f"cond['concat'] of shape {cond['concat'].shape} does not match x {x.shape}.")
+    layers.check_time_and_cond(x, t, cond, model=type(self).__name__, num_classes=self.num_classes)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]] = None, *,

@@ -75,6 +75,20 @@ class Dropout(nn.Module):
     return dropout(self.make_rng("dropout"), x, self.rate)
 
 
+def check_time_and_cond(x: jax.Array, t: jax.Array, cond, *, model: str, num_classes: int) -> None:
+  """The time and conditioning checks the pixel backbones share: t scalar or [B]; cond's keys "label"
+  (only for a class-conditional model) and "concat" (x's batch and spatial shape)."""
+  if t.shape not in ((), (x.shape[0],)):
+    raise ValueError(f"t must be a scalar or have shape [B]=({x.shape[0]},), got {t.shape}.")
+  unknown = sorted(set(cond) - {"label", "concat"})
+  if unknown:
+    raise ValueError(f"Unknown conditioning keys {unknown}; {model} reads 'label' and 'concat'.")
+  if "label" in cond and num_classes == 0:
+    raise ValueError("Labels were given but config.model.num_classes=0 (unconditional model).")
+  if "concat" in cond and cond["concat"].shape[:3] != x.shape[:3]:
+    raise ValueError(f"cond['concat'] of shape {cond['concat'].shape} does not match x {x.shape}.")
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embedding [B, dim] of (float) times t [B]: sin half then cos half (DDPM)."""
   half = dim // 2

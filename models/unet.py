@@ -42,16 +42,7 @@ class UNet(nn.Module):
           f"Image size {x.shape[1]}x{x.shape[2]} (config.data.image_size) is not divisible by "
           f"2**(len(config.model.unet.ch_mult) - 1) = {factor} for "
           f"config.model.unet.ch_mult={tuple(self.ch_mult)}.")
-    if t.shape not in ((), (x.shape[0],)):
-      raise ValueError(f"t must be a scalar or have shape [B]=({x.shape[0]},), got {t.shape}.")
-    unknown = sorted(set(cond) - {"label", "concat"})
-    if unknown:
-      raise ValueError(f"Unknown conditioning keys {unknown}; {type(self).__name__} reads 'label' and "
-                       "'concat'.")
-    if "label" in cond and self.num_classes == 0:
-      raise ValueError("Labels were given but config.model.num_classes=0 (unconditional model).")
-    if "concat" in cond and cond["concat"].shape[:3] != x.shape[:3]:
-      raise ValueError(f"cond['concat'] of shape {cond['concat'].shape} does not match x {x.shape}.")
+    layers.check_time_and_cond(x, t, cond, model=type(self).__name__, num_classes=self.num_classes)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]] = None, *,

@@ -15,11 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-try:  # PyPI's torchvision does not load beside torch 2.13.0's wheel; diffusers then must not import it.
-  import torchvision  # pylint: disable=g-import-not-at-top,unused-import
-except Exception:  # pylint: disable=broad-except
-  sys.modules["torchvision"] = None  # importlib.util.find_spec then reports it absent.
+from tests import reference_env  # pylint: disable=g-bad-import-order
+
+torch = reference_env.import_torch()
 diffusers = pytest.importorskip("diffusers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

@@ -14,12 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-try:  # PyPI's torchvision does not load beside torch 2.13.0's wheel; diffusers then must not import it.
-  import torchvision  # pylint: disable=g-import-not-at-top,unused-import
-except Exception:  # pylint: disable=broad-except
-  from diffusers.utils import import_utils  # pylint: disable=g-import-not-at-top
-  import_utils._torchvision_available = False  # pylint: disable=protected-access
+from tests import reference_env  # pylint: disable=g-bad-import-order
+
+torch = reference_env.import_torch()
 diffusers = pytest.importorskip("diffusers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

@@ -211,11 +211,17 @@ SHIPPED_CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.joi
                          if not p.endswith("__init__.py"))
 
 
+# The downsampling factor of the autoencoder each latent config is written for (its docstring).
+LATENT_FACTORS = {"celeba64_latent": 8, "digits_latent": 4, "imagenet256_dit": 8}
+
+
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_shipped_configs_run_on_1_2_4_and_8_devices(name):
   config = importlib.import_module(f"configs.{name}").get_config()
+  assert (config.latent.autoencoder is not None) == (name in LATENT_FACTORS)
   for devices in (1, 2, 4, 8):
-    config_check.validate_config(config, device_count=devices, process_count=1)
+    config_check.validate_config(config, device_count=devices, process_count=1,
+                                 latent_factor=LATENT_FACTORS.get(name, 1))
     config_check.validate_sample(config.sample, device_count=devices)  # --mode=sample's check.
 
 
