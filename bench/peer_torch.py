@@ -23,7 +23,12 @@ import time
 
 import numpy as np
 import torch
-import diffusers
+
+try:  # A torchvision wheel built for another torch fails to load; diffusers then must not import it.
+  import torchvision  # pylint: disable=unused-import
+except Exception:  # pylint: disable=broad-except
+  sys.modules["torchvision"] = None  # importlib.util.find_spec then reports it absent.
+import diffusers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CIFAR10_MODEL = {"ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16],
                  "num_heads": 1, "dropout": 0.1, "image_size": 32, "channels": 3}
