@@ -138,8 +138,13 @@ def make_reconstruct(model: autoencoder_lib.AutoencoderKL,
 
 
 def autoencoder_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...],
-                     rng: jax.Array, mesh: Optional[jax.sharding.Mesh] = None) -> Task:
-  """KL autoencoder training (training/autoencoder_step.py); held-out reconstructions and PSNR."""
+                     rng: jax.Array, mesh: Optional[jax.sharding.Mesh] = None,
+                     space: Optional[spaces.Space] = None) -> Task:
+  """KL autoencoder training (training/autoencoder_step.py); held-out reconstructions and PSNR.
+
+  An autoencoder is trained on pixels: space is not read.
+  """
+  del space
   loss_config = config.autoencoder_loss
   model = autoencoder_model(config.model, channels=image_shape[-1])
   discriminator = None
@@ -185,11 +190,9 @@ def create_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ..
   """The task of config; without a mesh only init_state and train_step's shapes are usable.
 
   space (training/spaces.py) is where a diffusion model's x0 comes from and its samples go: pixels
-  when None. An autoencoder is trained on pixels.
+  when None.
   """
-  if task_name(config.model) == "autoencoder":
-    return autoencoder_task(config, image_shape=image_shape, rng=rng, mesh=mesh)
-  return diffusion_task(config, image_shape=image_shape, rng=rng, mesh=mesh, space=space)
+  return TASKS[task_name(config.model)](config, image_shape=image_shape, rng=rng, mesh=mesh, space=space)
 
 
 def reconstruct(config: ml_collections.ConfigDict, workdir: str) -> str:
