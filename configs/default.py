@@ -106,6 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
   latent.scale_factor = ml_collections.config_dict.placeholder(float)  # Latents are multiplied by it (0.18215 for SD 1.x); None = 1/std of the first training latents, saved with the run.
   latent.scale_batches = 4  # Training batches whose latents estimate the scale factor when it is None.
 
+  # Text conditioning (training/text.py): cond["context"] of a cross-attention model (config.model.name="sd_unet").
+  config.text = text = ml_collections.ConfigDict()
+  text.encoder = ml_collections.config_dict.placeholder(str)  # Converted CLIP text encoder directory (scripts/convert_clip.py); None = no text conditioning.
+  text.tokenizer = ml_collections.config_dict.placeholder(str)  # Tokenizer folder (vocab.json + merges.txt, or tokenizer.json); None = the encoder's tokenizer/ subfolder.
+  text.max_length = ml_collections.config_dict.placeholder(int)  # Tokens per prompt; None = the tokenizer's model_max_length (77 for CLIP).
+  text.clip_skip = ml_collections.config_dict.placeholder(int)  # Condition on layer L - clip_skip of L (diffusers' clip_skip); None = the last layer.
+
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.
   optim.warmup_steps = 5000  # Linear warm-up steps.
