@@ -106,6 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
   latent.scale_factor = ml_collections.config_dict.placeholder(float)  # Latents are multiplied by it (0.18215 for SD 1.x); None = 1/std of the first training latents, saved with the run.
   latent.scale_batches = 4  # Training batches whose latents estimate the scale factor when it is None.
 
+  # Distillation of a trained diffusion run (the teacher) into a student that samples in fewer steps.
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.method = ml_collections.config_dict.placeholder(str)  # None (train a diffusion model) or "progressive" (Salimans & Ho 2022: one run per round, training/progressive.py).
+  distill.teacher = ml_collections.config_dict.placeholder(str)  # Workdir of the teacher run; the student starts from its latest EMA params and must have its config.model, diffusion, latent (prediction may differ).
+  distill.student_steps = ml_collections.config_dict.placeholder(int)  # "progressive": DDIM steps N of the student, a power of two; it learns two teacher steps per step (a progressive teacher must have 2N).
+  distill.weighting = "truncated_snr"  # "progressive": weight of the x-space error, "truncated_snr" max(SNR, 1) or "snr_plus_one" 1 + SNR (Salimans & Ho 2022, Sec. 4).
+
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.
   optim.warmup_steps = 5000  # Linear warm-up steps.
