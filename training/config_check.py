@@ -278,7 +278,9 @@ def validate_training(training: ml_collections.ConfigDict, *, device_count: int,
 def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
   del device_count  # Any batch size runs on any devices: generate.Sampler pads each batch.
   _choice("sample.sampler", sample.sampler, tuple(samplers.SAMPLERS))
-  _require(sample.steps > 0, f"config.sample.steps={sample.steps} must be positive.")
+  _require(isinstance(sample.steps, int) and sample.steps > 0,
+           f"config.sample.steps={sample.steps!r} must be a positive integer (None, the run's own, is "
+           "for --mode=sample).")
   _require(sample.num > 0, f"config.sample.num={sample.num} must be positive.")
   _require(sample.batch_size > 0, f"config.sample.batch_size={sample.batch_size} must be positive.")
   _require(sample.eta >= 0, f"config.sample.eta={sample.eta} must be >= 0.")
