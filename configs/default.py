@@ -113,6 +113,13 @@ def get_config() -> ml_collections.ConfigDict:
   text.max_length = ml_collections.config_dict.placeholder(int)  # Tokens per prompt; None = the tokenizer's model_max_length (77 for CLIP).
   text.clip_skip = ml_collections.config_dict.placeholder(int)  # Condition on layer L - clip_skip of L (diffusers' clip_skip); None = the last layer.
 
+  # Distillation of a trained diffusion run (the teacher) into a student that samples in fewer steps.
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.method = ml_collections.config_dict.placeholder(str)  # None (train a diffusion model) or "progressive" (Salimans & Ho 2022: one run per round, training/progressive.py).
+  distill.teacher = ml_collections.config_dict.placeholder(str)  # Workdir of the teacher run; the student starts from its latest EMA params and must have its config.model, diffusion, latent (prediction may differ).
+  distill.student_steps = ml_collections.config_dict.placeholder(int)  # "progressive": DDIM steps N of the student, a power of two; it learns two teacher steps per step (a progressive teacher must have 2N).
+  distill.weighting = "truncated_snr"  # "progressive": weight of the x-space error, "truncated_snr" max(SNR, 1) or "snr_plus_one" 1 + SNR (Salimans & Ho 2022, Sec. 4).
+
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.
   optim.warmup_steps = 5000  # Linear warm-up steps.

@@ -15,17 +15,6 @@ from training import sample as sample_lib
 from training import train as train_lib
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny.get_config()
-  config.model.num_classes = 10
-  config.diffusion.p_uncond = 0.2
-  config.training.num_steps = 2
-  train_lib.train(config, workdir)
-  return workdir
-
-
 def sample_config(**overrides):
   config = tiny.get_config()
   for key, value in overrides.items():

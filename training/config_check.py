@@ -8,6 +8,7 @@ import ml_collections
 
 import input_pipeline
 import models
+from diffusion import distillation
 from diffusion import grids
 from diffusion import losses
 from diffusion import parameterization
@@ -177,6 +178,37 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
            f"config.diffusion.num_timesteps > 0, got {diffusion.num_timesteps}.")
 
 
+# config.distill.method: None trains a diffusion model; each name distils config.distill.teacher
+# (training/tasks.py, DISTILLATION_TASKS).
+DISTILL_METHODS = ("progressive",)
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+  """config.distill; the teacher's workdir itself is checked where it is read (training/teacher.py)."""
+  distill = config.distill
+  if distill.method is None:
+    return
+  _choice("distill.method", distill.method, DISTILL_METHODS)
+  _require(config.model.name != "autoencoder", f"config.distill.method={distill.method!r} distils a "
+           "diffusion model; config.model.name='autoencoder' trains an autoencoder.")
+  _require(isinstance(distill.teacher, str) and distill.teacher != "",
+           f"config.distill.teacher={distill.teacher!r} must be the workdir of a trained diffusion run.")
+  if distill.method == "progressive":
+    n = distill.student_steps
+    _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0,
+             f"config.distill.student_steps={n!r} must be a power of two (1, 2, 4, ...): each round of "
+             "progressive distillation halves the steps.")
+    num = config.diffusion.num_timesteps
+    _require(num == 0 or 2 * n <= num, f"config.distill.student_steps={n}: the teacher's grid of {2 * n} "
+             f"steps needs at most config.diffusion.num_timesteps={num} steps.")
+    _choice("distill.weighting", distill.weighting, distillation.WEIGHTINGS)
+    _require(config.diffusion.prediction != "eps",
+             "config.diffusion.prediction='eps' cannot be a progressive student: its few large steps "
+             "start where SNR is near 0, where x0 = (z - sigma eps) / alpha is lost (Salimans & Ho "
+             "2022, Sec. 4). Use 'v' (theirs) or 'x0'; the student starts from the teacher's weights, "
+             "whatever those predict.")
+
+
 def validate_autoencoder_loss(loss: ml_collections.ConfigDict, *, image_size: int) -> None:
   """config.autoencoder_loss, including that the LPIPS weights exist when the term is on."""
   _choice("autoencoder_loss.reconstruction", loss.reconstruction, autoencoder_step.RECONSTRUCTIONS)
@@ -246,7 +278,9 @@ def validate_training(training: ml_collections.ConfigDict, *, device_count: int,
 def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
   del device_count  # Any batch size runs on any devices: generate.Sampler pads each batch.
   _choice("sample.sampler", sample.sampler, tuple(samplers.SAMPLERS))
-  _require(sample.steps > 0, f"config.sample.steps={sample.steps} must be positive.")
+  _require(isinstance(sample.steps, int) and sample.steps > 0,
+           f"config.sample.steps={sample.steps!r} must be a positive integer (None, the run's own, is "
+           "for --mode=sample).")
   _require(sample.num > 0, f"config.sample.num={sample.num} must be positive.")
   _require(sample.batch_size > 0, f"config.sample.batch_size={sample.batch_size} must be positive.")
   _require(sample.eta >= 0, f"config.sample.eta={sample.eta} must be >= 0.")
@@ -370,6 +404,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
     validate_autoencoder_loss(config.autoencoder_loss, image_size=config.data.image_size)
   else:
     validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+  validate_distill(config)
   validate_optim(config.optim)
   mesh_shape = validate_mesh(config.mesh, device_count=device_count)
   validate_training(config.training, device_count=device_count, mesh_shape=mesh_shape)

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from evaluation import run as run_lib
+from training import checkpoints
 from training import config_check
 from training import generate
 from training import spaces
@@ -35,7 +36,13 @@ def unique_path(directory: str, stem: str, suffixes: tuple[str, ...]) -> str:
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Draws config.sample.num images from the EMA params; returns the path stem of the files written."""
+  """Draws config.sample.num images from the EMA params; returns the path stem of the files written.
+
+  config.sample.steps=None takes the run's own (a progressive student's N: its sampler is recorded).
+  """
+  if config.sample.steps is None:
+    config = config.copy_and_resolve_references()
+    config.sample.steps = checkpoints.restore_config(workdir).sample.steps
   config_check.validate_sample(config.sample, device_count=jax.device_count())
   config_check.validate_mesh(config.mesh, device_count=jax.device_count())
   mesh = train_lib.create_mesh(config.mesh)  # This run's mesh, whatever the checkpoint was trained on.

@@ -18,6 +18,7 @@ import models
 from diffusion import schedules
 from training import checkpoints
 from training import config_check
+from training import progressive
 from training import sharding
 from training import spaces
 from training import tasks
@@ -98,6 +99,7 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.TrainState:
   """Trains (or resumes training) the model of config in workdir; returns the final state."""
+  config = progressive.with_student_sampler(config)  # A progressive student records its sampler.
   config_check.validate_latent(config)
   autoencoder = None
   if config.latent.autoencoder is not None:
@@ -113,12 +115,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   try:
     config_check.validate_against_data(config, num_classes=data.num_classes)
     config, space = _create_space(config, workdir, data=data, autoencoder=autoencoder)
+    image_shape = space.shape  # The diffusion model's input: the images, or their latents.
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    task = tasks.create_task(config, image_shape=image_shape, rng=train_rng, mesh=mesh, space=space)
   except BaseException:
     data.close()
     raise
-  image_shape = space.shape  # The diffusion model's input: the images, or their latents.
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  task = tasks.create_task(config, image_shape=image_shape, rng=train_rng, mesh=mesh, space=space)
 
   manager = checkpoints.create_manager(workdir, max_to_keep=config.training.max_to_keep,
                                        keep_every=config.training.keep_every)
