@@ -29,7 +29,7 @@ from configs import default as default_config
 
 # Config sections whose every key gives the saved state its meaning (its shapes, or what the parameters
 # compute), keys added in the future included: a run resumes only where all of them are unchanged...
-STATE_SECTIONS = ("model", "diffusion", "latent")
+STATE_SECTIONS = ("model", "diffusion", "latent", "lora")
 # ...except these, which change how the same function is computed or trained, not the state.
 RESUMABLE_KEYS = frozenset({
     "model.remat", "model.attention", "model.dtype",  # Parameters stay float32 whatever the compute dtype.
@@ -37,6 +37,7 @@ RESUMABLE_KEYS = frozenset({
     "diffusion.time_sampling", "diffusion.p_mean", "diffusion.p_std", "diffusion.logit_mean",
     "diffusion.logit_std",  # Where training spends its effort, not what the network computes.
     "latent.scale_batches",  # Only estimates the scale factor, which is itself saved.
+    "lora.load", "lora.scale",  # A file merged at sampling time, not part of the trained state.
 })
 # Besides these sections: the optimizer state's structure (clipping adds a stage to optax's chain)
 # and the image shape the model was built for.
