@@ -119,6 +119,14 @@ def get_config() -> ml_collections.ConfigDict:
   distill.teacher = ml_collections.config_dict.placeholder(str)  # Workdir of the teacher run; the student starts from its latest EMA params and must have its config.model, diffusion, latent (prediction may differ).
   distill.student_steps = ml_collections.config_dict.placeholder(int)  # "progressive": DDIM steps N of the student, a power of two; it learns two teacher steps per step (a progressive teacher must have 2N).
   distill.weighting = "truncated_snr"  # "progressive": weight of the x-space error, "truncated_snr" max(SNR, 1) or "snr_plus_one" 1 + SNR (Salimans & Ho 2022, Sec. 4).
+  # Low-rank adapters (training/lora.py, Hu et al. 2021): W + (alpha / rank) A B on chosen kernels.
+  config.lora = lora = ml_collections.ConfigDict()
+  lora.rank = 0  # > 0: train only rank-r adapters on a frozen base (config.lora.base); 0 trains the whole model.
+  lora.alpha = ml_collections.config_dict.placeholder(float)  # Adapter scale alpha / rank; None = rank (scale 1, as diffusers' LoRA scripts).
+  lora.targets = (r"attn[12]/(to_q|to_k|to_v|to_out_0)$",)  # Regexes (re.search) over kernel paths 'a/b/c' that get adapters; default: the SD UNet's attention projections.
+  lora.base = ml_collections.config_dict.placeholder(str)  # rank > 0: the frozen base, a converted model directory (scripts/convert_diffusers_unet.py) or a trained workdir (its EMA params).
+  lora.load = ml_collections.config_dict.placeholder(str)  # --mode=sample: a LoRA .safetensors (diffusers/PEFT or kohya) merged into the weights before sampling; None = none.
+  lora.scale = 1.0  # Multiplies the loaded file's adapters (its own alpha / rank included); 0 = the base model.
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Peak learning rate.

@@ -44,7 +44,8 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
              step_key: str = "step") -> tuple[ml_collections.ConfigDict, Any, nn.Module, schedules.Schedule]:
   """(config, state, model, schedule) of the checkpoint at step (default: the latest) of workdir.
 
-  The config is the one saved with the checkpoint; state.ema_params are the sampling parameters, laid
+  The config is the one saved with the checkpoint; state.ema_params are the sampling parameters (of a
+  LoRA run, config.lora.rank > 0: its base with the EMA adapters merged; state.params the adapters), laid
   out on mesh (default: every device, replicated) by sharding.state_shardings, whatever the mesh the
   checkpoint was saved from (Orbax reshards). step_key names step in errors (a config key). The
   latest is the newest checkpoint that restores (checkpoints.restore); an explicit step must restore.
@@ -61,6 +62,10 @@ def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh |
   finally:
     manager.close()
   config = checkpoints.restore_config(workdir, step)
+  if config.lora.rank:  # Adapters on a frozen base (training/lora.py): sample with both, merged once.
+    from training import lora  # pylint: disable=g-import-not-at-top
+    state = state.replace(ema_params=lora.sampling_params(
+        config, state.ema_params, image_shape=image_shape(workdir, step), mesh=mesh))
   return config, state, models.create_model(config.model), train_lib.create_schedule(config.diffusion)
 
 

@@ -11,6 +11,7 @@ scripts/convert_diffusers_unet.py maps SD's weights one to one. Latents are NHWC
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -24,6 +25,16 @@ Dtype = Any
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")  # config.model.sd_unet.down_block_types' values.
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")  # config.model.sd_unet.up_block_types' values.
+# diffusers' module lists, whose items it names `list.N` and we `list_N`.
+_LISTS = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|"
+                    r"upsamplers|to_out|net)_(\d+)$")
+
+
+def diffusers_name(path: str) -> str:
+  """Our path 'down_blocks_0/attentions_1/proj_in' -> diffusers' 'down_blocks.0.attentions.1.proj_in'."""
+  return ".".join(_LISTS.sub(r"\1.\2", part) for part in path.split("/"))
+
+
 RESNET_EPS = 1e-5  # diffusers' norm_eps: the ResNet blocks' and the output GroupNorm's epsilon.
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from typing import Any
 
@@ -50,11 +49,6 @@ _FIXED = {"act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": Tru
           "reverse_transformer_layers_per_block": None}
 # Recorded or meaningless without the fields above being set.
 _IGNORED = {"sample_size", "addition_embed_type_num_heads"}
-# diffusers' module lists, whose items it names `list.N` and we `list_N`.
-_LISTS = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|"
-                    r"upsamplers|to_out|net)_(\d+)$")
-
-
 def module_kwargs(config: dict[str, Any]) -> dict[str, Any]:
   """models.SDUNet's arguments from a diffusers UNet2DConditionModel config.json."""
   def fail(field: str, value: Any, why: str) -> None:
@@ -104,9 +98,7 @@ def parameter_shapes(kwargs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def diffusers_name(path: str) -> str:
-  """Our path 'down_blocks_0/attentions_1/proj_in' -> diffusers' 'down_blocks.0.attentions.1.proj_in'."""
-  return ".".join(_LISTS.sub(r"\1.\2", part) for part in path.split("/"))
+diffusers_name = sd_unet.diffusers_name  # Our path -> diffusers' module name.
 
 
 def name_table(kwargs: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None = None,

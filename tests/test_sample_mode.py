@@ -79,3 +79,36 @@ def test_any_batch_size_on_any_devices_gives_the_same_images(trained_workdir):
   assert images[0].shape == (130, 8, 8, 1)
   np.testing.assert_array_equal(images[0], images[1])
   assert images[0].std() > 0 and not np.array_equal(images[0][:30], images[0][100:])
+
+
+def test_lora_run_on_a_trained_base_resumes_samples_and_exports(trained_workdir, tmp_path):
+  """config.lora.rank > 0 on the trained run as base: only adapters are checkpointed; a resumed run
+  continues; --mode=sample merges them; the exported file, loaded with config.lora.load, samples the same."""
+  from training import lora  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.num_classes, config.diffusion.p_uncond = 10, 0.2
+  config.lora.rank, config.lora.alpha, config.lora.base = 2, 4.0, trained_workdir
+  config.lora.targets = (r"qkv$", r"proj_out$")  # The pixel UNet's attention.
+  config.training.num_steps, config.optim.learning_rate = 2, 0.05
+  workdir = str(tmp_path / "lora")
+  state = train_lib.train(config, workdir)
+  assert {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]} == {"lora_A", "lora_B"}
+  config.training.num_steps = 4
+  assert int(train_lib.train(config, workdir).step) == 4  # Resumed from step 2.
+  changed = config.copy_and_resolve_references()
+  changed.lora.rank = 3
+  with pytest.raises(checkpoints.CheckpointError, match=r"lora\.rank: saved 2, now 3"):
+    train_lib.train(changed, workdir)
+
+  sample = sample_config(sampler="dpmpp_2m", steps=3, num=12, guidance_scale=2.0)  # The first test's program.
+  adapted = np.load(sample_lib.sample(sample, workdir) + ".npz")["images"]
+  base = np.load(sample_lib.sample(sample, trained_workdir) + ".npz")["images"]
+  assert not np.array_equal(adapted, base)
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  restored, _ = checkpoints.restore(manager, train_lib.abstract_state(
+      checkpoints.restore_config(workdir), image_shape=(8, 8, 1), mesh=train_lib.create_mesh()))
+  path = str(tmp_path / "adapters.safetensors")
+  lora.save_file(path, {"unet": restored.ema_params}, rank=2, alpha=4.0)
+  sample.lora.load = path
+  loaded = np.load(sample_lib.sample(sample, trained_workdir) + ".npz")["images"]
+  np.testing.assert_array_equal(loaded, adapted)

@@ -29,7 +29,7 @@ from configs import default as default_config
 
 # Config sections whose every key gives the saved state its meaning (its shapes, or what the parameters
 # compute), keys added in the future included: a run resumes only where all of them are unchanged...
-STATE_SECTIONS = ("model", "diffusion", "latent", "distill")
+STATE_SECTIONS = ("model", "diffusion", "latent", "distill", "lora")
 # ...except these, which change how the same function is computed or trained, not the state.
 RESUMABLE_KEYS = frozenset({
     "model.remat", "model.attention", "model.dtype",  # Parameters stay float32 whatever the compute dtype.
@@ -38,6 +38,7 @@ RESUMABLE_KEYS = frozenset({
     "diffusion.logit_std",  # Where training spends its effort, not what the network computes.
     "latent.scale_batches",  # Only estimates the scale factor, which is itself saved.
     "distill.weighting",  # Where a student's training spends its effort, as loss_weighting.
+    "lora.load", "lora.scale",  # A file merged at sampling time, not part of the trained state.
 })
 # Besides these sections: the optimizer state's structure (clipping adds a stage to optax's chain)
 # and the image shape the model was built for.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 
 import ml_collections
 
@@ -321,6 +323,37 @@ def validate_latent(config: ml_collections.ConfigDict) -> None:
            "False, True.")
 
 
+def validate_lora(lora: ml_collections.ConfigDict, *, model_name: str) -> None:
+  """config.lora's own values; patterns are matched against the model's weights in training/lora.py."""
+  _require(isinstance(lora.rank, int) and lora.rank >= 0,
+           f"config.lora.rank={lora.rank!r} must be an integer >= 0 (0: no adapters).")
+  _require(lora.alpha is None or lora.alpha > 0, f"config.lora.alpha={lora.alpha} must be > 0, or None (= rank).")
+  _require(math.isfinite(lora.scale), f"config.lora.scale={lora.scale} must be a finite number.")
+  if lora.load is not None:
+    _require(str(lora.load).endswith(".safetensors"), f"config.lora.load={lora.load!r} must be a "
+             ".safetensors file (pickled .bin/.ckpt/.pt files are not read: unpickling runs their code).")
+    _require(os.path.isfile(os.path.expanduser(lora.load)),
+             f"config.lora.load={lora.load!r} does not exist.")
+  if not lora.rank:
+    return
+  _require(model_name != "autoencoder", "config.lora.rank > 0 trains adapters on a diffusion model; "
+           "config.model.name='autoencoder' is not one.")
+  _require(isinstance(lora.targets, (tuple, list)) and len(lora.targets) > 0
+           and all(isinstance(t, str) for t in lora.targets),
+           f"config.lora.targets={lora.targets!r} must be a non-empty tuple of regular expressions.")
+  for pattern in lora.targets:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"config.lora.targets: {pattern!r} is not a regular expression ({e}).") from e
+  _require(lora.base is not None, f"config.lora.rank={lora.rank} trains adapters on a frozen base: set "
+           "config.lora.base to a converted model directory or a trained workdir.")
+  base = os.path.expanduser(lora.base)
+  _require(os.path.isfile(os.path.join(base, "model.json")) or os.path.isfile(os.path.join(base, "config.json")),
+           f"config.lora.base={lora.base!r} is neither a converted model (model.json and params/) nor a "
+           "trained workdir (config.json and checkpoints/).")
+
+
 def validate_autoencoder(config: ml_collections.ConfigDict, *, latent_channels: int, factor: int,
                          out_channels: int, data_channels: int | None = None,
                          model_channels: int | None = None) -> None:
@@ -406,6 +439,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
     validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
   validate_distill(config)
   validate_optim(config.optim)
+  validate_lora(config.lora, model_name=config.model.name)
   mesh_shape = validate_mesh(config.mesh, device_count=device_count)
   validate_training(config.training, device_count=device_count, mesh_shape=mesh_shape)
   if config.training.sample_every:  # Settings of a disabled feature do not block a run.

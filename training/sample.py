@@ -21,6 +21,7 @@ from evaluation import run as run_lib
 from training import checkpoints
 from training import config_check
 from training import generate
+from training import lora
 from training import spaces
 from training import train as train_lib
 from training import writers
@@ -45,10 +46,15 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     config.sample.steps = checkpoints.restore_config(workdir).sample.steps
   config_check.validate_sample(config.sample, device_count=jax.device_count())
   config_check.validate_mesh(config.mesh, device_count=jax.device_count())
+  config_check.validate_lora(config.lora, model_name=config.model.name)
   mesh = train_lib.create_mesh(config.mesh)  # This run's mesh, whatever the checkpoint was trained on.
   trained, state, model, schedule = run_lib.load_run(workdir, config.sample.checkpoint_step, mesh=mesh,
                                                      step_key="config.sample.checkpoint_step")
   step = int(state.step)
+  params = state.ema_params
+  if config.lora.load is not None:  # A LoRA file, merged once before the sampler runs.
+    params = lora.merge_file(os.path.expanduser(config.lora.load), {"unet": params},
+                             scale=config.lora.scale)["unet"]
   # The checkpoint's own model, schedule and space; the sampling settings of the command line.
   trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
   image_shape = run_lib.image_shape(workdir, step)
@@ -59,7 +65,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   sampler = generate.Sampler.from_config(trained, model=model, schedule=schedule,
                                          mesh=mesh, image_shape=image_shape, space=space)
   start = time.perf_counter()
-  images, labels = sampler.sample(state.ema_params, seed=trained.sample.seed, num=trained.sample.num,
+  images, labels = sampler.sample(params, seed=trained.sample.seed, num=trained.sample.num,
                                   image=image, mask=mask)
   seconds = time.perf_counter() - start
 
@@ -71,7 +77,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   path = unique_path(out_dir, stem, (".npz", ".png"))
   settings = {"checkpoint_step": step, "seconds": seconds, "num_devices": jax.device_count(),
               **sampler.options.__dict__, "seed": s.seed, "num": s.num, "space": space.description,
-              "image": s.image, "mask": s.mask}
+              "image": s.image, "mask": s.mask, "lora": config.lora.load, "lora_scale": config.lora.scale}
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(path + ".npz.tmp", "wb") as f:

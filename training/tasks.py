@@ -26,6 +26,7 @@ from models import autoencoder as autoencoder_lib
 from models import discriminator as discriminator_lib
 from models import lpips as lpips_lib
 from training import autoencoder_step
+from training import lora
 from training import progressive
 from training import spaces
 from training import train_step as train_step_lib
@@ -65,30 +66,57 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   model = models.create_model(config.model)
   schedule = train_lib.create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
+  init_state = _base_init(config, model=model, tx=tx, image_shape=image_shape)
+  encode = space.encode if space is not None else None
+  condition = spaces.make_condition(config, space) if space is not None else None
+  params_fn = None
+  adapters = lora.Settings.from_config(config.lora) if config.lora.rank else None
+  if adapters is not None:  # Low-rank adapters on a frozen base (training/lora.py): frozen {"space", "base"}.
+    init_state = functools.partial(lora.init_state, base_init=init_state, tx=tx, settings=adapters)
+    encode, condition = lora.on_space(encode), lora.on_space(condition)
+    params_fn = lora.base_params_fn(adapters)
   step = train_step_lib.make_train_step(
       model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
       hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
-      encode=space.encode if space is not None else None,
-      condition=spaces.make_condition(config, space) if space is not None else None)
+      encode=encode, condition=condition, params_fn=params_fn)
   visualise = constants = None
   if mesh is not None and space is not None:
     constants = jax.device_put(space.params, NamedSharding(mesh, P()))
+    if adapters is not None:
+      base = lora.load_base(config.lora.base, expected=base_shapes(config, image_shape=image_shape),
+                            mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+      constants = {"space": constants, "base": base}
   if mesh is not None and config.training.sample_every:
     sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
                                            image_shape=image_shape, space=space)
 
     def visualise(state):
-      images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
+      params = state.ema_params
+      if adapters is not None:  # Merged once per grid, outside the sampler's program.
+        params = lora.merge_on_device(constants["base"], params, scale=adapters.scale)
+      images, _ = sampler.sample(params, seed=config.sample.seed, num=config.sample.num)
       return writers.image_grid(images, cols=config.model.num_classes or None), {}
 
   return Task(
-      init_state=functools.partial(train_step_lib.init_state, model=model, tx=tx,
-                                   image_shape=image_shape, num_classes=config.model.num_classes,
-                                   concat_channels=spaces.concat_channels(config, image_shape)),
-      train_step=step, constants=constants,
+      init_state=init_state, train_step=step, constants=constants,
       metric_names=("loss", "grad_norm"), visualise=visualise, image_tag="samples",
       png_prefix="train_step_")
+
+
+def _base_init(config: ml_collections.ConfigDict, *, model: Any, tx: Any,
+               image_shape: tuple[int, ...]) -> Callable[[jax.Array], Any]:
+  """rng -> a fresh train state of the diffusion model's own parameters."""
+  return functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
+                           num_classes=config.model.num_classes,
+                           concat_channels=spaces.concat_channels(config, image_shape))
+
+
+def base_shapes(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...]) -> Any:
+  """Shapes of the diffusion model's parameters (a LoRA run's base), without allocating them."""
+  init = _base_init(config, model=models.create_model(config.model),
+                    tx=train_step_lib.create_optimizer(config.optim)[0], image_shape=image_shape)
+  return jax.eval_shape(init, jax.random.key(0)).params
 
 
 def autoencoder_model(model_config: ml_collections.ConfigDict, *,

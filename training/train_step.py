@@ -141,15 +141,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
                model: nn.Module, schedule: schedules.Schedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, hparams: DiffusionHParams, num_classes: int,
                ema_decay: float, rng: jax.Array, encode: Encode | None = None,
-               condition: Condition | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               condition: Condition | None = None,
+               params_fn: Callable[[Any, Any], Any] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the denoising loss; a non-finite loss or gradient leaves the state as it was.
 
   encode(frozen, images, rng) -> x0 maps the batch's images into the space the model diffuses in
   (training/spaces.py; None: pixels as they are); frozen holds its fixed parameters (e.g. the
   autoencoder's). condition(frozen, batch, rng) -> cond dict (None: {"label": batch["label"]} for a
   class-conditional model); with probability p_uncond an example's entries are replaced by the null
-  ones (guidance.null_cond), key by key. The step's randomness is fold_in(rng, step), so a resumed run
-  draws what an uninterrupted one would.
+  ones (guidance.null_cond), key by key. params_fn(frozen, state.params) -> the model's parameters
+  (None: state.params; LoRA: the frozen base with the trained adapters merged, training/lora.py).
+  The step's randomness is fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
   """
   rng = jax.random.fold_in(rng, state.step)
   t_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
@@ -179,6 +181,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
                                                           batch_size=batch_size), drop=drop)
 
   def loss_fn(params):
+    if params_fn is not None:
+      params = params_fn(frozen, params)
     output = model.apply({"params": params}, x_in, schedule.model_time(t), cond, train=True,
                          rngs={"dropout": dropout_rng})
     per_example = losses.denoising_loss(
