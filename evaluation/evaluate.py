@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import models
 from diffusion import guidance
 from diffusion import samplers
 from evaluation import fid
@@ -167,16 +168,21 @@ def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh
   discrete = schedule.num_timesteps > 0
   batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
+  learned = models.learns_variance(config.model)
+
   def batch_nll(params, images, labels, rng):
     apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)
-    denoise_fn = guidance.make_denoise_fn(apply_fn, schedule=schedule, prediction=config.diffusion.prediction,
-                                          cond={"label": labels} if num_classes else None)
+    make = functools.partial(guidance.make_denoise_fn, apply_fn, schedule=schedule,
+                             prediction=config.diffusion.prediction,
+                             cond={"label": labels} if num_classes else None, learned=learned)
+    denoise_fn = make()
     ode_rng, vlb_rng = jax.random.split(rng)
     bpd, nfe, success = likelihood.ode_bits_per_dim(denoise_fn, images, ode_rng, schedule=schedule,
                                                     divergence=divergence, max_steps=max_steps)
     out = {"ode": bpd, "nfe": jnp.broadcast_to(nfe, bpd.shape), "ode_ok": jnp.broadcast_to(success, bpd.shape)}
     if discrete:
-      out["vlb"] = likelihood.vlb_bits_per_dim(denoise_fn, images, vlb_rng, schedule=schedule,
+      vlb_fn = make(return_variance=config.sample.ddpm_variance == "learned")
+      out["vlb"] = likelihood.vlb_bits_per_dim(vlb_fn, images, vlb_rng, schedule=schedule,
                                                variance=config.sample.ddpm_variance)["bpd"]
     return out
 

@@ -64,7 +64,8 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
   step = train_step_lib.make_train_step(
       model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
-      hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
+      hparams=train_step_lib.DiffusionHParams.from_config(
+          config.diffusion, learn_sigma=models.learns_variance(config.model)),
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
       encode=space.encode if space is not None else None,
       condition=spaces.make_condition(config, space) if space is not None else None)
