@@ -45,6 +45,7 @@ from evaluation import run as run_lib
 from training import checkpoints
 from training import config_check
 from training import generate
+from training import sharding
 from training import spaces
 from training import train as train_lib
 from training import writers
@@ -166,7 +167,8 @@ def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh
   num_classes = config.model.num_classes
   divergence = "rademacher" if ev.nll_hutchinson else "exact"
   discrete = schedule.num_timesteps > 0
-  batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  batch_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+  params_sharding = jax.tree.map(lambda a: a.sharding, params)  # As they lie (config.mesh.fsdp).
 
   learned = models.learns_variance(config.model)
 
@@ -186,7 +188,7 @@ def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh
                                                variance=config.sample.ddpm_variance)["bpd"]
     return out
 
-  fn = jax.jit(batch_nll, in_shardings=(replicated, batch_sharding, batch_sharding, replicated),
+  fn = jax.jit(batch_nll, in_shardings=(params_sharding, batch_sharding, batch_sharding, replicated),
                out_shardings=batch_sharding)
   results = []
   for i, begin in enumerate(range(0, num, ev.batch_size)):
@@ -307,6 +309,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
   """Evaluates the checkpoints of workdir not yet evaluated (or config.eval.step); returns the new records."""
   ev = config.eval
   validate_eval(ev, device_count=jax.device_count())
+  config_check.validate_mesh(config.mesh, device_count=jax.device_count())
   sample_config = ml_collections.ConfigDict({**config.sample.to_dict(), "batch_size": ev.batch_size})
   config_check.validate_sample(sample_config, device_count=jax.device_count())
   if ev.num_samples < fid.STANDARD_NUM_SAMPLES:
@@ -323,7 +326,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
         f"from every image of config.data.split={config.data.split!r} of {config.data.name!r}:\n"
         f"  python main.py --config=<your config> --workdir={workdir} --mode=fid_stats")
   reference = fid.load_stats(reference_path)
-  mesh = train_lib.create_mesh()
+  mesh = train_lib.create_mesh(config.mesh)  # This run's mesh, whatever the checkpoints were trained on.
   extractor = inception.FeatureExtractor(inception.load_variables(ev.inception_path), mesh=mesh,
                                          batch_size=ev.batch_size)
   eval_dir = os.path.join(workdir, "eval")
