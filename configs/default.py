@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   dit.depth = 12  # Transformer blocks (S 12, B 12, L 24, XL 28).
   dit.num_heads = 6  # Attention heads (S 6, B 12, L 16, XL 16).
   dit.mlp_ratio = 4.0  # MLP width / hidden size.
+  dit.learn_sigma = False  # Also learn the reverse variances (Nichol & Dhariwal 2021; DiT's setting): hybrid loss, discrete "vp" only.
 
   model.autoencoder = autoencoder = ml_collections.ConfigDict()  # models/autoencoder.py; the defaults are Stable Diffusion's factor-8 autoencoder.
   autoencoder.ch = 128  # Base channel count.
@@ -153,7 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
   sample.grid = ml_collections.config_dict.placeholder(str)  # Time grid (diffusion.grids.GRIDS); None = the sampler's default.
   sample.grid_file = ml_collections.config_dict.placeholder(str)  # JSON {"timesteps": [1, ..., 0]} of steps + 1 times (scripts/optimize_grid.py); replaces grid. None = off.
   sample.eta = 0.0  # DDIM eta (0 = deterministic, 1 = DDPM ancestral).
-  sample.ddpm_variance = "small"  # DDPM posterior variance: "small" (beta-tilde) or "large" (beta).
+  sample.ddpm_variance = "small"  # DDPM posterior variance: "small" (beta-tilde), "large" (beta) or "learned" (config.model.dit.learn_sigma).
   sample.preset = ml_collections.config_dict.placeholder(str)  # Named sampler settings (diffusion.samplers.PRESETS: "edm", "edm_stochastic"); replaces sampler, grid and s_*; None = those keys.
   sample.s_churn = 0.0  # Euler / Heun stochastic churn (Karras et al. 2022, Alg. 2).
   sample.s_tmin = 0.0  # Euler / Heun: churn only where sigma >= s_tmin.

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 
+from diffusion import learned_variance
 from diffusion import parameterization
 from diffusion import schedules
 
@@ -71,8 +72,9 @@ def dynamic_threshold(x0: Array, *, percentile: float) -> Array:
 def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule: schedules.Schedule,
                     prediction: str, cond: Cond | None = None, uncond: Cond | None = None,
                     guidance_scale: float | Array = 1.0, guidance_rescale: float = 0.0,
-                    dynamic_threshold: float | None = None,
-                    clip_x0: bool = False) -> Callable[[Array, Array], tuple[Array, Array]]:
+                    dynamic_threshold: float | None = None, clip_x0: bool = False,
+                    learned: bool = False,
+                    return_variance: bool = False) -> Callable[[Array, Array], tuple[Array, ...]]:
   """denoise_fn(x_t, t) -> (x0_hat, eps_hat) from apply_fn(x, model_time, cond) -> network output.
 
   The network sees parameterization.network_input of x_t (x_t itself for eps, x0 and v) and
@@ -88,7 +90,12 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
   p-th percentile of |x0_hat|; clip_x0 clips it to the data range [-1, 1] (DDPM's clip_denoised, Ho et
   al. 2020's sampler; it keeps eps models stable where alpha(t) is near 0). After a rescale or a clip,
   eps_hat is recomputed from x0_hat, so the pair stays consistent with x_t = alpha x0 + sigma eps.
+  learned: the network also outputs variance values v (learned_variance.split_output); guidance mixes
+  the predictions alone and keeps the conditional v (as DiT). return_variance: denoise_fn returns
+  (x0_hat, eps_hat, v), for the DDPM step with the learned variance.
   """
+  if return_variance and not learned:
+    raise ValueError("return_variance needs a network with learned variances (learned=True).")
   plain = isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0 and not guidance_rescale
   guided = cond is not None and not plain
   if guided and uncond is None:
@@ -104,6 +111,8 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
     if guided:
       out = apply_fn(jnp.concatenate([x_in, x_in]), jnp.concatenate([model_time, model_time]), both)
       out_cond, out_uncond = jnp.split(out.astype(x.dtype), 2)
+      out_cond, v = learned_variance.split_output(out_cond, learned=learned)
+      out_uncond, _ = learned_variance.split_output(out_uncond, learned=learned)
       x0_cond, eps_cond = parameterization.to_x0_eps(prediction, out_cond, x_t=x, **level)
       x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, out_uncond, x_t=x, **level)
       x0 = classifier_free_guidance(cond=x0_cond, uncond=x0_uncond, scale=guidance_scale)
@@ -113,6 +122,7 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
         eps = parameterization.x0_to_eps(x_t=x, x0=x0, alpha=alpha, sigma=sigma)
     else:
       out = apply_fn(x_in, model_time, cond).astype(x.dtype)
+      out, v = learned_variance.split_output(out, learned=learned)
       x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, **level)
     if dynamic_threshold is not None:
       x0 = _threshold(x0, percentile=dynamic_threshold)
@@ -120,7 +130,7 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
       x0 = jnp.clip(x0, -1.0, 1.0)
     if dynamic_threshold is not None or clip_x0:
       eps = parameterization.x0_to_eps(x_t=x, x0=x0, alpha=alpha, sigma=sigma)
-    return x0, eps
+    return (x0, eps, v) if return_variance else (x0, eps)
 
   return denoise_fn
 

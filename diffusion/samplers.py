@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffusion import grids
+from diffusion import learned_variance
 from diffusion import schedules
 
 Array = jnp.ndarray
@@ -73,13 +74,23 @@ def ddpm_posterior_mean(*, x0: Array, x_t: Array, logsnr_t: Array, logsnr_s: Arr
 
 def ddpm_step(denoise_fn: DenoiseFn, x: Array, t: Array, t_next: Array, noise: Array, *,
               schedule: schedules.Schedule, variance: str = "small") -> Array:
-  """Ho et al. 2020, Alg. 2: x_s ~ N(mean, var) with var beta~ ("small") or beta ("large"); none at s = 0."""
-  x0, _ = denoise_fn(x, t)
+  """Ho et al. 2020, Alg. 2: x_s ~ N(mean, var) with var beta~ ("small") or beta ("large"); none at s = 0.
+
+  "learned": the network's own variance between the two (Nichol & Dhariwal 2021, Eq. 15; skipped
+  steps interpolate between the skipped step's beta~ and beta, as their respacing); denoise_fn then
+  returns (x0_hat, eps_hat, v) (guidance.make_denoise_fn's return_variance).
+  """
+  out = denoise_fn(x, t)
+  x0 = out[0]
   logsnr_t, _, _ = noise_level(schedule, t)
   logsnr_s, _, sigma_s = noise_level(schedule, t_next)
   mean = ddpm_posterior_mean(x0=x0, x_t=x, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
   small, beta = ddpm_variances(logsnr_t=logsnr_t, logsnr_s=logsnr_s)
-  var = jnp.where(sigma_s > 0, small if variance == "small" else beta, 0.0)
+  if variance == "learned":
+    var = learned_variance.interpolated_variance(v=out[2], small=small, large=beta)
+  else:
+    var = small if variance == "small" else beta
+  var = jnp.where(sigma_s > 0, var, 0.0)
   return (mean + jnp.sqrt(var) * noise).astype(x.dtype)
 
 
@@ -103,11 +114,14 @@ def ddim_step(denoise_fn: DenoiseFn, x: Array, t: Array, t_next: Array, noise: A
                      eta=eta).astype(x.dtype)
 
 
+DDPM_VARIANCES = ("small", "large", "learned")  # "learned" needs a network with learned variances.
+
+
 def sample_ddpm(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
                 schedule: schedules.Schedule, variance: str = "small") -> Array:
   """Ancestral sampling (Ho et al. 2020, Alg. 2) on any grid, skipped steps as in Nichol & Dhariwal 2021."""
-  if variance not in ("small", "large"):
-    raise ValueError(f"variance={variance!r} is not one of small, large.")
+  if variance not in DDPM_VARIANCES:
+    raise ValueError(f"variance={variance!r} is not one of {', '.join(DDPM_VARIANCES)}.")
 
   def body(x, xs):
     _, t, t_next, key = xs

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import models
 from diffusion import guidance
 from diffusion import samplers
 from evaluation import fid
@@ -44,6 +45,7 @@ from evaluation import run as run_lib
 from training import checkpoints
 from training import config_check
 from training import generate
+from training import sharding
 from training import spaces
 from training import train as train_lib
 from training import writers
@@ -165,22 +167,28 @@ def nll(config: ml_collections.ConfigDict, *, params: Any, model, schedule, mesh
   num_classes = config.model.num_classes
   divergence = "rademacher" if ev.nll_hutchinson else "exact"
   discrete = schedule.num_timesteps > 0
-  batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  batch_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+  params_sharding = jax.tree.map(lambda a: a.sharding, params)  # As they lie (config.mesh.fsdp).
+
+  learned = models.learns_variance(config.model)
 
   def batch_nll(params, images, labels, rng):
     apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y, train=False)
-    denoise_fn = guidance.make_denoise_fn(apply_fn, schedule=schedule, prediction=config.diffusion.prediction,
-                                          cond={"label": labels} if num_classes else None)
+    make = functools.partial(guidance.make_denoise_fn, apply_fn, schedule=schedule,
+                             prediction=config.diffusion.prediction,
+                             cond={"label": labels} if num_classes else None, learned=learned)
+    denoise_fn = make()
     ode_rng, vlb_rng = jax.random.split(rng)
     bpd, nfe, success = likelihood.ode_bits_per_dim(denoise_fn, images, ode_rng, schedule=schedule,
                                                     divergence=divergence, max_steps=max_steps)
     out = {"ode": bpd, "nfe": jnp.broadcast_to(nfe, bpd.shape), "ode_ok": jnp.broadcast_to(success, bpd.shape)}
     if discrete:
-      out["vlb"] = likelihood.vlb_bits_per_dim(denoise_fn, images, vlb_rng, schedule=schedule,
+      vlb_fn = make(return_variance=config.sample.ddpm_variance == "learned")
+      out["vlb"] = likelihood.vlb_bits_per_dim(vlb_fn, images, vlb_rng, schedule=schedule,
                                                variance=config.sample.ddpm_variance)["bpd"]
     return out
 
-  fn = jax.jit(batch_nll, in_shardings=(replicated, batch_sharding, batch_sharding, replicated),
+  fn = jax.jit(batch_nll, in_shardings=(params_sharding, batch_sharding, batch_sharding, replicated),
                out_shardings=batch_sharding)
   results = []
   for i, begin in enumerate(range(0, num, ev.batch_size)):
@@ -301,6 +309,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
   """Evaluates the checkpoints of workdir not yet evaluated (or config.eval.step); returns the new records."""
   ev = config.eval
   validate_eval(ev, device_count=jax.device_count())
+  config_check.validate_mesh(config.mesh, device_count=jax.device_count())
   sample_config = ml_collections.ConfigDict({**config.sample.to_dict(), "batch_size": ev.batch_size})
   config_check.validate_sample(sample_config, device_count=jax.device_count())
   if ev.num_samples < fid.STANDARD_NUM_SAMPLES:
@@ -317,7 +326,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
         f"from every image of config.data.split={config.data.split!r} of {config.data.name!r}:\n"
         f"  python main.py --config=<your config> --workdir={workdir} --mode=fid_stats")
   reference = fid.load_stats(reference_path)
-  mesh = train_lib.create_mesh()
+  mesh = train_lib.create_mesh(config.mesh)  # This run's mesh, whatever the checkpoints were trained on.
   extractor = inception.FeatureExtractor(inception.load_variables(ev.inception_path), mesh=mesh,
                                          batch_size=ev.batch_size)
   eval_dir = os.path.join(workdir, "eval")

@@ -23,6 +23,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from training import sharding
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 RESOLUTION = 299  # Inception-v3's input side.
@@ -339,14 +341,14 @@ def load_variables(path: str) -> dict[str, Any]:
 
 
 class FeatureExtractor:
-  """pool3 features and logits of uint8 images, in batches sharded over the mesh's 'data' axis."""
+  """pool3 features and logits of uint8 images, in batches sharded over every device of the mesh."""
 
   def __init__(self, variables: Any, *, mesh: jax.sharding.Mesh, batch_size: int):
-    if batch_size % mesh.shape["data"]:
+    if batch_size % mesh.size:
       raise ValueError(f"config.eval.batch_size={batch_size} is not a multiple of the "
-                       f"{mesh.shape['data']} devices.")
+                       f"{mesh.size} devices.")
     self.batch_size = batch_size
-    self._batch_sharding = NamedSharding(mesh, P("data"))
+    self._batch_sharding = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     self._variables = jax.device_put(variables, replicated)
     model = InceptionV3()

@@ -40,9 +40,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.special import log_ndtr
 
 from diffusion import grids
+from diffusion import learned_variance
 from diffusion import samplers
 from diffusion import schedules
 
@@ -292,30 +292,8 @@ def ode_bits_per_dim(denoise_fn: DenoiseFn, images: Array, rng: Array, *, schedu
 # ----------------------------------------------------------------------------------------------------
 # The discrete-time variational bound.
 
-
-def normal_kl(*, mean1: Array, var1: Array, mean2: Array, var2: Array) -> Array:
-  """KL(N(mean1, var1) || N(mean2, var2)) elementwise (Ho et al. 2020, Eq. 5's Gaussian KLs)."""
-  return 0.5 * (jnp.log(var2) - jnp.log(var1) + (var1 + jnp.square(mean1 - mean2)) / var2 - 1.0)
-
-
-def _log_prob_between(lo: Array, hi: Array) -> Array:
-  """log(Phi(hi) - Phi(lo)) for lo < hi, reflected into the lower tail where it is accurate."""
-  flip = lo + hi > 0  # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi): keep the bin in the lower tail.
-  a, b = jnp.where(flip, -hi, lo), jnp.where(flip, -lo, hi)
-  log_b, log_a = log_ndtr(b), log_ndtr(a)
-  return log_b + jnp.log1p(-jnp.exp(jnp.minimum(log_a - log_b, -1e-30)))
-
-
-def discretized_gaussian_log_likelihood(x: Array, *, mean: Array, var: Array) -> Array:
-  """Ho et al. 2020, Eq. 13: log of the N(mean, var) mass of x's bin [x - 1/255, x + 1/255], the edge
-
-  bins reaching to -inf at x = -1 and +inf at x = 1; x on the 8-bit grid k / 127.5 - 1. Elementwise.
-  """
-  inv_std = jax.lax.rsqrt(var)
-  lo = jnp.where(x < -0.999, -jnp.inf, (x - mean - 1.0 / 255.0) * inv_std)
-  hi = jnp.where(x > 0.999, jnp.inf, (x - mean + 1.0 / 255.0) * inv_std)
-  return jnp.where(x < -0.999, log_ndtr(hi),
-                   jnp.where(x > 0.999, log_ndtr(-lo), _log_prob_between(lo, hi)))
+normal_kl = learned_variance.normal_kl
+discretized_gaussian_log_likelihood = learned_variance.discretized_gaussian_log_likelihood
 
 
 def vlb_terms(denoise_fn: DenoiseFn, x0: Array, rng: Array, *, schedule: schedules.Schedule,
@@ -324,35 +302,43 @@ def vlb_terms(denoise_fn: DenoiseFn, x0: Array, rng: Array, *, schedule: schedul
 
   x0 in [-1, 1] on the 8-bit grid; variance "small" (beta-tilde) or "large" (beta), as
   config.sample.ddpm_variance; at t = 1 both use beta-tilde_2 (Nichol & Dhariwal's improved-diffusion,
-  as beta-tilde_1 = 0). clip_denoised clips x0_hat to [-1, 1] (their calc_bpd_loop default).
+  as beta-tilde_1 = 0). "learned": the network's (denoise_fn returns (x0_hat, eps_hat, v)), between
+  those (learned_variance.interpolated_variance). clip_denoised clips x0_hat to [-1, 1] (their
+  calc_bpd_loop default).
   """
   num = schedule.num_timesteps
   if num <= 0:
     raise ValueError("The variational bound needs a discrete schedule (config.diffusion.num_timesteps > 0); "
                      "use the PF-ODE likelihood for continuous-time models.")
-  if variance not in ("small", "large"):
-    raise ValueError(f"variance={variance!r} is not one of small, large.")
+  if variance not in samplers.DDPM_VARIANCES:
+    raise ValueError(f"variance={variance!r} is not one of {', '.join(samplers.DDPM_VARIANCES)}.")
   t = lambda i: jnp.asarray(i, jnp.float32) / num
   alpha_T, sigma_T = schedule.alpha_sigma(t(num))
   prior = _per_example_sum(normal_kl(mean1=alpha_T * x0, var1=jnp.square(sigma_T) * jnp.ones_like(x0),
                                      mean2=jnp.zeros_like(x0), var2=jnp.ones_like(x0)))
   decoder_var, _ = samplers.ddpm_variances(logsnr_t=schedule.logsnr(t(2)), logsnr_s=schedule.logsnr(t(1)))
+  large_1 = jnp.square(schedule.alpha_sigma(t(1))[1])  # beta_1 = 1 - alpha-bar_1.
 
   def term(i, key):
     alpha, sigma = schedule.alpha_sigma(t(i))
     x_t = alpha * x0 + sigma * jax.random.normal(key, x0.shape, x0.dtype)
-    x0_hat, _ = denoise_fn(x_t, t(i))
+    out = denoise_fn(x_t, t(i))
+    x0_hat = out[0]
     if clip_denoised:
       x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
     logsnr_t, logsnr_s = schedule.logsnr(t(i)), schedule.logsnr(t(i - 1))
     small, large = samplers.ddpm_variances(logsnr_t=logsnr_t, logsnr_s=logsnr_s)
     mean_q = samplers.ddpm_posterior_mean(x0=x0, x_t=x_t, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
     mean_p = samplers.ddpm_posterior_mean(x0=x0_hat, x_t=x_t, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
-    var_p = small if variance == "small" else large
+    var_p, var_0 = small if variance == "small" else large, decoder_var
+    if variance == "learned":
+      var_p = learned_variance.interpolated_variance(v=out[2], small=small, large=large)
+      var_0 = learned_variance.interpolated_variance(v=out[2], small=decoder_var, large=large_1)
     kl = _per_example_sum(normal_kl(mean1=mean_q, var1=small * jnp.ones_like(x0), mean2=mean_p,
                                     var2=var_p * jnp.ones_like(x0)))
     # At t = 1 the posterior mean is x0_hat itself (alpha-bar_0 = 1); logSNR(0) = inf is avoided.
-    nll0 = -_per_example_sum(discretized_gaussian_log_likelihood(x0, mean=x0_hat, var=decoder_var))
+    nll0 = -_per_example_sum(discretized_gaussian_log_likelihood(x0, mean=x0_hat,
+                                                                 var=var_0 * jnp.ones_like(x0)))
     return jnp.where(i > 1, kl, 0.0), jnp.where(i == 1, nll0, 0.0)
 
   def body(acc, i):

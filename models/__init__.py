@@ -51,6 +51,12 @@ def create_model(model_config: Mapping[str, Any]) -> nn.Module:
   return MODELS[model_config["name"]](**kwargs)
 
 
+def learns_variance(model_config: Mapping[str, Any]) -> bool:
+  """Whether config.model's network also outputs its variances (config.model.dit.learn_sigma)."""
+  section = model_config.get(model_config.get("name")) or {}
+  return bool(section.get("learn_sigma", False))
+
+
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter pytree (arrays or `jax.ShapeDtypeStruct`s)."""
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))

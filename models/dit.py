@@ -95,7 +95,8 @@ class DiT(nn.Module):
 
   cond keys: "label" int [B] (num_classes = the null label, the default), "concat" [B, H, W, K] extra
   input channels (SD-inpainting's mask and masked-image latents) concatenated to x; the output has x's
-  channels.
+  channels, twice as many with learn_sigma (the prediction, then the variance values v of
+  diffusion/learned_variance.py).
   """
 
   patch_size: int = 2
@@ -107,6 +108,7 @@ class DiT(nn.Module):
   dtype: Dtype = jnp.float32  # Compute dtype; parameters stay float32.
   attention: Optional[str] = "xla"  # jax.nn.dot_product_attention implementation: None, "xla", "cudnn".
   remat: bool = False  # Recompute each block in the backward pass instead of storing its activations.
+  learn_sigma: bool = False  # Also output the variance values v (Nichol & Dhariwal 2021, as DiT does).
 
   def _check_inputs(self, x: jax.Array, t: jax.Array, cond: Mapping[str, jax.Array]) -> None:
     if x.ndim != 4:
@@ -122,7 +124,7 @@ class DiT(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]] = None, *,
                train: bool) -> jax.Array:
-    """Returns a tensor shaped like x (the prediction of the configured parameterisation)."""
+    """The prediction of the configured parameterisation, shaped like x; with learn_sigma, then v."""
     del train  # DiT has no dropout.
     t = jnp.asarray(t)
     cond = dict(cond or {})
@@ -157,10 +159,11 @@ class DiT(nn.Module):
     shift, scale = jnp.split(nn.Dense(2 * dim, kernel_init=_zeros, dtype=self.dtype,
                                       name="final_adaLN_modulation")(nn.silu(c)), 2, axis=-1)
     h = modulate(_layer_norm("final_norm", self.dtype)(h), shift, scale)
-    h = nn.Dense(p * p * channels, kernel_init=_zeros, dtype=self.dtype, name="final_linear")(h)
-    # Unpatchify: [B, gh * gw, p * p * C] -> [B, gh * p, gw * p, C].
-    h = h.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    return h.reshape(b, height, width, channels).astype(x.dtype)
+    out_channels = 2 * channels if self.learn_sigma else channels
+    h = nn.Dense(p * p * out_channels, kernel_init=_zeros, dtype=self.dtype, name="final_linear")(h)
+    # Unpatchify: [B, gh * gw, p * p * C'] -> [B, gh * p, gw * p, C'].
+    h = h.reshape(b, gh, gw, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return h.reshape(b, height, width, out_channels).astype(x.dtype)
 
 
 def _with_concat(x: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:

@@ -25,6 +25,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+import models  # pylint: disable=wrong-import-position
 from diffusion import guidance  # pylint: disable=wrong-import-position
 from diffusion import optimize_grid as optimize_lib  # pylint: disable=wrong-import-position
 from diffusion import samplers  # pylint: disable=wrong-import-position
@@ -52,9 +53,11 @@ def optimize_run_grid(workdir: str, *, sampler: str, steps: int, num: int = 64, 
     return model.apply({"params": params}, x, model_time, y, train=False)
 
   denoise_fn = guidance.make_denoise_fn(
-      apply_fn, schedule=schedule, prediction=config.diffusion.prediction, labels=labels,
-      null_label=num_classes if num_classes else None, guidance_scale=guidance_scale,
-      clip_x0=config.sample.clip_x0)
+      apply_fn, schedule=schedule, prediction=config.diffusion.prediction,
+      cond={"label": labels} if num_classes else None,
+      uncond=guidance.null_cond(num_classes=num_classes, batch_size=num) if num_classes else None,
+      guidance_scale=guidance_scale, clip_x0=config.sample.clip_x0,
+      learned=models.learns_variance(config.model))
   x_T = jax.random.normal(jax.random.key(seed), (num, *shape))
   start = time.perf_counter()
   reference = jax.jit(lambda x: samplers.sample(reference_sampler, denoise_fn, x, jax.random.key(0),

@@ -38,6 +38,9 @@ def test_parameter_counts_match_the_paper(size, patch):
     # The reference repository counts its frozen position embeddings (256 x 1152) and the learned-sigma
     # half of the output layer (1152 x 16 + 16) too: 675,129,632 for DiT-XL/2.
     assert count + 256 * hidden + hidden * 16 + 16 == 675_129_632
+    learned = dit.DiT(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads,
+                      num_classes=1000, learn_sigma=True)
+    assert models.count_params(_param_shapes(learned)) + 256 * hidden == 675_129_632
 
 
 def test_adaln_zero_blocks_start_as_the_identity():
@@ -119,20 +122,38 @@ def _tiny_dit_config():
 
 def test_a_tiny_dit_trains_and_samples_through_the_same_entry_points(tmp_path):
   config = _tiny_dit_config()
+  config.model.dit.learn_sigma = True  # DiT's setting: the hybrid loss, and variances to sample with.
   config.training.num_steps = 3
   state = train_lib.train(config, str(tmp_path))
   assert int(state.step) == 3
   assert "blocks_1" in state.params and "x_embedder" in state.params
-  # Training moved the zero-initialised output layer: the loss reached every block.
-  assert float(jnp.max(jnp.abs(state.params["final_linear"]["kernel"]))) > 0
-  config.sample.update(sampler="dpmpp_2m", steps=3, guidance_scale=2.0)
+  # Training moved the zero-initialised output layer, both the eps and the variance channels of every
+  # patch position: the loss reached every block and L_vlb the variances.
+  kernel = np.asarray(state.params["final_linear"]["kernel"]).reshape(32, 2, 2, 2)
+  assert np.all(np.max(np.abs(kernel), axis=0) > 0)
   mesh = train_lib.create_mesh()
-  sampler = generate.Sampler.from_config(config, model=models.create_model(config.model),
-                                         schedule=train_lib.create_schedule(config.diffusion), mesh=mesh,
-                                         image_shape=(8, 8, 1))
-  images, labels = sampler.sample(state.ema_params, seed=0, num=8)
-  assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
-  np.testing.assert_array_equal(labels, np.arange(8) % 10)
+  for sampler_name, variance in (("dpmpp_2m", "small"), ("ddpm", "learned")):
+    config.sample.update(sampler=sampler_name, ddpm_variance=variance, steps=3, guidance_scale=2.0)
+    sampler = generate.Sampler.from_config(config, model=models.create_model(config.model),
+                                           schedule=train_lib.create_schedule(config.diffusion),
+                                           mesh=mesh, image_shape=(8, 8, 1))
+    images, labels = sampler.sample(state.ema_params, seed=0, num=8)
+    assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8
+    assert len(np.unique(images)) > 1  # Finite samples: NaNs would come out as one value.
+    np.testing.assert_array_equal(labels, np.arange(8) % 10)
+
+
+def test_learned_variances_are_refused_off_the_discrete_vp_process():
+  config = _tiny_dit_config()
+  config.model.dit.learn_sigma = True
+  config.diffusion.update(process="flow", num_timesteps=0, prediction="velocity")
+  with pytest.raises(ValueError, match=r"config\.model\.dit\.learn_sigma=True .* "
+                     r"config\.diffusion\.process='vp' \(got 'flow'\)"):
+    config_check.validate_config(config, device_count=8, process_count=1)
+  config = _tiny_dit_config()  # Without learned variances there are none to sample with.
+  config.sample.ddpm_variance = "learned"
+  with pytest.raises(ValueError, match=r"config\.sample\.ddpm_variance='learned' needs"):
+    config_check.validate_config(config, device_count=8, process_count=1)
 
 
 @pytest.mark.parametrize("key,value,match", [

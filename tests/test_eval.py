@@ -175,6 +175,7 @@ def run(tmp_path_factory):
   patch.setitem(sources.SOURCES, "few_digits", open_few_digits)
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny.get_config()
+  config.mesh.fsdp_min_size = 64  # Saved with the checkpoints: on an fsdp mesh the tiny weights split.
   train_lib.train(config, workdir)
   inception_path = str(tmp_path_factory.mktemp("weights") / "random_inception.npz")
   inception.save_variables(inception_path, inception.random_variables(seed=0))
@@ -204,9 +205,15 @@ def test_reference_stats_of_every_image(run):
   np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-5, atol=1e-9)
 
 
-def test_eval_writes_metrics_and_skips_what_is_done(run, caplog):
+def test_eval_writes_metrics_and_skips_what_is_done(run, caplog, monkeypatch):
   workdir, config = run
   path = fid.compute_reference_stats(config, workdir)
+  config = config.copy_and_resolve_references()
+  config.mesh.update(data=2, fsdp=4)  # Evaluated on the mesh of config.mesh, the weights split on fsdp.
+  seen = []
+  sample_fid_is = evaluate_lib.sample_fid_is
+  monkeypatch.setattr(evaluate_lib, "sample_fid_is", lambda sampler, params, *a, **k: (
+      seen.append(params), sample_fid_is(sampler, params, *a, **k))[1])
   with pytest.raises(ValueError, match=r"config\.eval\.step=3 is not a checkpoint"):
     evaluate_lib.evaluate(_with(config, step=3), workdir)
   # An earlier run finished step 2 and was interrupted (its record is in metrics.jsonl): only 4 is left.
@@ -221,6 +228,9 @@ def test_eval_writes_metrics_and_skips_what_is_done(run, caplog):
   assert any("fewer than 50000 samples" in r.getMessage() for r in caplog.records)
   assert [r["step"] for r in records] == [4]
   assert evaluate_lib.evaluate(config, workdir) == []  # Nothing left to do.
+  specs = [leaf.sharding.spec for leaf in jax.tree.leaves(seen[0])]
+  assert dict(seen[0]["conv_in"]["kernel"].sharding.mesh.shape) == {"data": 2, "fsdp": 4}
+  assert sum("fsdp" in spec for spec in specs) >= 3  # The large kernels, as sharding.fsdp_dim says.
 
   written = evaluate_lib.read_metrics(metrics_path)
   assert [r["step"] for r in written] == [2, 4]

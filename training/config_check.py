@@ -59,6 +59,8 @@ def _validate_dit(dit: ml_collections.ConfigDict, *, image_size: int) -> None:
     _require(isinstance(dit[key], int) and dit[key] > 0,
              f"config.model.dit.{key}={dit[key]!r} must be a positive integer.")
   _require(dit.mlp_ratio > 0, f"config.model.dit.mlp_ratio={dit.mlp_ratio} must be positive.")
+  _require(isinstance(dit.get("learn_sigma", False), bool),
+           f"config.model.dit.learn_sigma={dit.get('learn_sigma')!r} must be True or False.")
   _require(image_size % dit.patch_size == 0, f"config.data.image_size={image_size} is not divisible by "
            f"config.model.dit.patch_size={dit.patch_size}.")
   _require(dit.hidden_size % dit.num_heads == 0, f"config.model.dit.num_heads={dit.num_heads} does not "
@@ -292,7 +294,7 @@ def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | No
     _require(sample.grid is None, f"config.sample.grid={sample.grid!r} and config.sample.grid_file="
              f"{sample.grid_file!r} both name a grid; set one of them.")
     grids.read_grid_file(sample.grid_file, steps=sample.steps)
-  _choice("sample.ddpm_variance", sample.ddpm_variance, ("small", "large"))
+  _choice("sample.ddpm_variance", sample.ddpm_variance, samplers.DDPM_VARIANCES)
   if sample.preset is not None:
     _choice("sample.preset", sample.preset, tuple(samplers.PRESETS))
   _require(sample.s_churn >= 0, f"config.sample.s_churn={sample.s_churn} must be >= 0.")
@@ -419,6 +421,23 @@ def read_inpaint_files(sample: ml_collections.ConfigDict, *,
   return (image.astype(np.float32) / 127.5 - 1.0), (mask == 255).astype(np.float32)[..., None]
 
 
+def validate_learned_variance(config: ml_collections.ConfigDict) -> None:
+  """Learned variances (config.model.dit.learn_sigma) live on the discrete VP bound, and only they
+
+  give config.sample.ddpm_variance='learned'.
+  """
+  d = config.diffusion
+  if models.learns_variance(config.model):
+    _require(d.process == "vp" and d.num_timesteps > 0,
+             f"config.model.dit.learn_sigma=True trains on the discrete DDPM bound: it needs "
+             f"config.diffusion.process='vp' (got {d.process!r}) and config.diffusion.num_timesteps > 0 "
+             f"(got {d.num_timesteps}).")
+  else:
+    _require(config.sample.ddpm_variance != "learned",
+             "config.sample.ddpm_variance='learned' needs a model with learned variances "
+             "(config.model.dit.learn_sigma=True).")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int, process_count: int,
                     latent_factor: int = 1) -> None:
   """Raises ValueError naming the first bad key of config; touches no data and compiles nothing.
@@ -437,6 +456,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
     validate_autoencoder_loss(config.autoencoder_loss, image_size=config.data.image_size)
   else:
     validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+    validate_learned_variance(config)
   validate_distill(config)
   validate_optim(config.optim)
   validate_lora(config.lora, model_name=config.model.name)

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import models
 from diffusion import grids
 from diffusion import guidance
 from diffusion import inpaint
@@ -49,6 +50,7 @@ class SampleOptions:
   clip_x0: bool = True
   batch_size: int = 64
   prediction: str = "eps"
+  learned_variance: bool = False  # The network outputs its variances too (config.model.dit.learn_sigma).
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SampleOptions":
@@ -60,6 +62,10 @@ class SampleOptions:
       if s.preset not in samplers.PRESETS:
         raise ValueError(f"config.sample.preset={s.preset!r} is not one of {', '.join(samplers.PRESETS)}.")
       karras.update(samplers.PRESETS[s.preset])
+    learned = models.learns_variance(config.model)
+    if s.ddpm_variance == "learned" and not learned:
+      raise ValueError("config.sample.ddpm_variance='learned' needs a model with learned variances "
+                       "(config.model.dit.learn_sigma=True).")
     timesteps = None
     if s.get("grid_file") is not None:
       timesteps = grids.read_grid_file(s.grid_file, steps=s.steps)
@@ -67,7 +73,7 @@ class SampleOptions:
                preset=s.preset,
                guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
                dynamic_threshold=s.dynamic_threshold, clip_x0=s.clip_x0, batch_size=s.batch_size,
-               prediction=config.diffusion.prediction, **karras)
+               prediction=config.diffusion.prediction, learned_variance=learned, **karras)
 
   def timesteps_array(self) -> jax.Array | None:
     """The time grid of config.sample.grid_file, or None for the named grid."""
@@ -129,7 +135,8 @@ class Sampler:
         apply_fn, schedule=self._schedule, prediction=options.prediction, cond=cond or None,
         uncond=uncond if num_classes else None, guidance_scale=options.guidance_scale,
         guidance_rescale=options.guidance_rescale, dynamic_threshold=options.dynamic_threshold,
-        clip_x0=options.clip_x0 and self.space.bounded)
+        clip_x0=options.clip_x0 and self.space.bounded, learned=options.learned_variance,
+        return_variance=options.sampler == "ddpm" and options.ddpm_variance == "learned")
 
   def _x_T(self, labels, rng):
     x_T = jax.random.normal(rng, (labels.shape[0], *self.image_shape))

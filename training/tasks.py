@@ -77,7 +77,8 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
     params_fn = lora.base_params_fn(adapters)
   step = train_step_lib.make_train_step(
       model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
-      hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
+      hparams=train_step_lib.DiffusionHParams.from_config(
+          config.diffusion, learn_sigma=models.learns_variance(config.model)),
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
       encode=encode, condition=condition, params_fn=params_fn)
   visualise = constants = None

@@ -159,7 +159,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, task, init_rng)
   replicated = NamedSharding(mesh, P())
   target = abstract_state(config, image_shape=image_shape, mesh=mesh)
   state_shardings = jax.tree.map(lambda s: s.sharding, target)
-  logging.info("Train state: %.1f MiB per device.", sharding.bytes_per_device(target) / 2**20)
+  state_bytes = sharding.bytes_per_device(target)
+  logging.info("Train state: %.1f MiB (%d bytes) per device.", state_bytes / 2**20, state_bytes)
   # Nothing is written into the workdir before the checkpoint's config has been checked.
   restored = checkpoints.restore(manager, target, data_iterator=data, config=config,
                                  image_shape=image_shape)

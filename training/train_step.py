@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from diffusion import guidance
+from diffusion import learned_variance
 from diffusion import losses
 from diffusion import parameterization
 from diffusion import schedules
@@ -37,14 +38,17 @@ class DiffusionHParams:
   time_sampling: str = "uniform"  # One of TIME_SAMPLINGS (sample_times).
   time_mean: float = 0.0  # Of logit(t) ("logit_normal") or ln(sigma) ("lognormal_sigma").
   time_std: float = 1.0
+  learn_sigma: bool = False  # The network also outputs its variances: the hybrid loss (losses.hybrid_loss).
 
   @classmethod
-  def from_config(cls, diffusion_config: ml_collections.ConfigDict) -> "DiffusionHParams":
+  def from_config(cls, diffusion_config: ml_collections.ConfigDict, *,
+                  learn_sigma: bool = False) -> "DiffusionHParams":
     d = diffusion_config
     mean, std = {"logit_normal": (d.logit_mean, d.logit_std),
                  "lognormal_sigma": (d.p_mean, d.p_std)}.get(d.time_sampling, (0.0, 1.0))
     return cls(prediction=d.prediction, loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-               p_uncond=d.p_uncond, time_sampling=d.time_sampling, time_mean=mean, time_std=std)
+               p_uncond=d.p_uncond, time_sampling=d.time_sampling, time_mean=mean, time_std=std,
+               learn_sigma=learn_sigma)
 
 
 def learning_rate_schedule(*, learning_rate: float, warmup_steps: int) -> optax.Schedule:
@@ -185,6 +189,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
       params = params_fn(frozen, params)
     output = model.apply({"params": params}, x_in, schedule.model_time(t), cond, train=True,
                          rngs={"dropout": dropout_rng})
+    if hparams.learn_sigma:  # The network's variances too: L_hybrid (Nichol & Dhariwal 2021, Eq. 16).
+      output, v = learned_variance.split_output(output, learned=True)
+      return jnp.mean(losses.hybrid_loss(
+          output, v=v, x0=x0, eps=noise, x_t=x_t, t=t, schedule=schedule, prediction=hparams.prediction,
+          weighting=hparams.loss_weighting, gamma=hparams.min_snr_gamma))
     per_example = losses.denoising_loss(
         output, x0=x0, eps=noise, alpha=alpha, sigma=sigma, logsnr=logsnr,
         prediction=hparams.prediction, weighting=hparams.loss_weighting, gamma=hparams.min_snr_gamma,
