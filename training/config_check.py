@@ -8,6 +8,7 @@ import ml_collections
 
 import input_pipeline
 import models
+from diffusion import consistency
 from diffusion import grids
 from diffusion import losses
 from diffusion import parameterization
@@ -175,6 +176,41 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
   _require(model_time != "index_from_zero" or diffusion.num_timesteps > 0,
            "config.diffusion.model_time='index_from_zero' numbers discrete steps; it needs "
            f"config.diffusion.num_timesteps > 0, got {diffusion.num_timesteps}.")
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+  """config.distill and, for distill.method="consistency", config.consistency and what it needs."""
+  distill, cm = config.distill, config.consistency
+  if distill.method is not None:
+    _choice("distill.method", distill.method, ("consistency",))
+  if distill.teacher is not None:
+    _require(distill.method is not None, f"config.distill.teacher={distill.teacher!r} is set but "
+             "config.distill.method is None; set it to 'consistency'.")
+    _require(os.path.isdir(os.path.expanduser(distill.teacher)), f"config.distill.teacher="
+             f"{distill.teacher!r} does not exist; give the workdir of a trained diffusion run.")
+  consistent = distill.method == "consistency"
+  _require(consistent == (config.diffusion.prediction == "consistency"),
+           f"config.diffusion.prediction={config.diffusion.prediction!r} and config.distill.method="
+           f"{distill.method!r}: a consistency model (prediction 'consistency') is trained by "
+           "distill.method='consistency', and only it.")
+  if not consistent:
+    return
+  _require(config.diffusion.process == "edm", f"config.distill.method='consistency' needs "
+           f"config.diffusion.process='edm' (Karras's sigma), got {config.diffusion.process!r}.")
+  _choice("consistency.loss", cm.loss, consistency.LOSSES)
+  _choice("consistency.weighting", cm.weighting, consistency.WEIGHTINGS)
+  _choice("consistency.noise_sampling", cm.noise_sampling, consistency.NOISE_SAMPLINGS)
+  _require(cm.huber_c is None or cm.huber_c > 0, f"config.consistency.huber_c={cm.huber_c} must be > 0 "
+           "or None (0.00054 sqrt(d)).")
+  _require(cm.p_std > 0, f"config.consistency.p_std={cm.p_std} must be > 0.")
+  _require(isinstance(cm.s0, int) and isinstance(cm.s1, int) and 1 <= cm.s0 <= cm.s1,
+           f"config.consistency.s0={cm.s0!r} and s1={cm.s1!r} must be integers with 1 <= s0 <= s1.")
+  _require(0 <= cm.target_decay < 1, f"config.consistency.target_decay={cm.target_decay} must be in [0, 1).")
+  _require(cm.teacher_guidance_scale >= 0,
+           f"config.consistency.teacher_guidance_scale={cm.teacher_guidance_scale} must be >= 0.")
+  _require(cm.teacher_guidance_scale == 1.0 or config.model.num_classes > 0,
+           f"config.consistency.teacher_guidance_scale={cm.teacher_guidance_scale} guides a "
+           "class-conditional teacher; config.model.num_classes is 0.")
 
 
 def validate_autoencoder_loss(loss: ml_collections.ConfigDict, *, image_size: int) -> None:
@@ -370,6 +406,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
     validate_autoencoder_loss(config.autoencoder_loss, image_size=config.data.image_size)
   else:
     validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+    validate_distill(config)
   validate_optim(config.optim)
   mesh_shape = validate_mesh(config.mesh, device_count=device_count)
   validate_training(config.training, device_count=device_count, mesh_shape=mesh_shape)

@@ -60,6 +60,10 @@ class SampleOptions:
       if s.preset not in samplers.PRESETS:
         raise ValueError(f"config.sample.preset={s.preset!r} is not one of {', '.join(samplers.PRESETS)}.")
       karras.update(samplers.PRESETS[s.preset])
+    if (config.diffusion.prediction == "consistency") != (karras["sampler"] == "consistency"):
+      raise ValueError(f"config.sample.sampler={karras['sampler']!r} with config.diffusion.prediction="
+                       f"{config.diffusion.prediction!r}: a consistency model is sampled by the "
+                       "'consistency' sampler, and only it samples one.")
     timesteps = None
     if s.get("grid_file") is not None:
       timesteps = grids.read_grid_file(s.grid_file, steps=s.steps)

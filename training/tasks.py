@@ -1,7 +1,7 @@
 """What the training loop trains, behind one interface: a diffusion model, or the KL autoencoder.
 
 The loop (training/train.py) restores, steps, logs, visualises and checkpoints whatever `Task` it is
-given; config.model.name picks the task (TASKS). A task gives the state's initialiser, the pure step
+given; config.model.name and config.distill.method pick the task (TASKS). A task gives the state's initialiser, the pure step
 (state, batch, constants) -> (state, metrics), the metrics averaged over each log window, and what
 is drawn every config.training.sample_every steps.
 """
@@ -26,6 +26,7 @@ from models import autoencoder as autoencoder_lib
 from models import discriminator as discriminator_lib
 from models import lpips as lpips_lib
 from training import autoencoder_step
+from training import consistency
 from training import spaces
 from training import train_step as train_step_lib
 from training import writers
@@ -44,9 +45,11 @@ class Task:
   png_prefix: str
 
 
-def task_name(model_config: ml_collections.ConfigDict) -> str:
-  """The key of TASKS that trains config.model."""
-  return "autoencoder" if model_config.name == "autoencoder" else "diffusion"
+def task_name(config: ml_collections.ConfigDict) -> str:
+  """The key of TASKS that trains config: by config.model.name, then config.distill.method."""
+  if config.model.name == "autoencoder":
+    return "autoencoder"
+  return "consistency" if config.get("distill", {}).get("method") == "consistency" else "diffusion"
 
 
 def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...], rng: jax.Array,
@@ -181,8 +184,9 @@ def autoencoder_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
       png_prefix="reconstructions_step_")
 
 
-# task_name(config.model) -> the function that builds the task.
-TASKS = {"diffusion": diffusion_task, "autoencoder": autoencoder_task}
+# task_name(config) -> the function that builds the task.
+TASKS = {"diffusion": diffusion_task, "autoencoder": autoencoder_task,
+         "consistency": consistency.consistency_task}
 
 
 def create_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...], rng: jax.Array,
@@ -192,7 +196,7 @@ def create_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ..
   space (training/spaces.py) is where a diffusion model's x0 comes from and its samples go: pixels
   when None.
   """
-  return TASKS[task_name(config.model)](config, image_shape=image_shape, rng=rng, mesh=mesh, space=space)
+  return TASKS[task_name(config)](config, image_shape=image_shape, rng=rng, mesh=mesh, space=space)
 
 
 def reconstruct(config: ml_collections.ConfigDict, workdir: str) -> str:
