@@ -187,7 +187,7 @@ def bad_values(root):
       ({"diffusion.sigma_min": 80.0, "diffusion.sigma_max": 0.002},
        r"config\.diffusion\.sigma_min=80\.0 and config\.diffusion\.sigma_max=0\.002 must satisfy"),
       ({"distill.teacher": str(root / "missing")}, r"config\.distill\.teacher='.*missing' does not exist"),
-      ({"distill.teacher": teacher, "data.image_size": 16},
+      ({"distill.teacher": teacher, "data.image_size": 16, "model.unet.attn_resolutions": (8,)},
        r"config\.distill\.teacher='.*teacher' is a different model: its config\.data\.image_size=8"),
       ({"distill.teacher": teacher, "model.num_classes": 10},
        r"config\.distill\.teacher='.*teacher' is a different model: its config\.model\.num_classes=0"),
