@@ -172,15 +172,13 @@ def consistency_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
                      mesh: Optional[jax.sharding.Mesh] = None, space: Optional[spaces.Space] = None):
   """The consistency task (tasks.Task); with a mesh it loads the teacher of config.distill.teacher."""
   # pylint: disable=g-import-not-at-top
-  from training import generate
   from training import tasks
   from training import train as train_lib
-  from training import writers
 
   model = models.create_model(config.model)
   schedule = train_lib.create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
-  teacher = constants = visualise = None
+  teacher = constants = None
   if mesh is not None:  # Only a run reads the teacher; the state's shapes do not need it.
     constants = {"space": jax.device_put(space.params if space is not None else {},
                                          NamedSharding(mesh, P()))}
@@ -192,14 +190,8 @@ def consistency_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
       hparams=ConsistencyHParams.from_config(config), num_classes=config.model.num_classes,
       ema_decay=config.optim.ema_decay, rng=rng, encode=space.encode if space is not None else None,
       condition=spaces.make_condition(config, space) if space is not None else None, teacher=teacher)
-  if mesh is not None and config.training.sample_every:
-    sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
-                                           image_shape=image_shape, space=space)
-
-    def visualise(state):
-      images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
-      return writers.image_grid(images, cols=config.model.num_classes or None), {}
-
+  visualise = tasks.sample_grids(config, model=model, schedule=schedule, mesh=mesh,
+                                image_shape=image_shape, space=space)
   return tasks.Task(
       init_state=functools.partial(init_state, model=model, tx=tx, image_shape=image_shape,
                                    num_classes=config.model.num_classes,

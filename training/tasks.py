@@ -59,7 +59,6 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
 
   The step's constants are the space's frozen parameters (the autoencoder's in latent space).
   """
-  from training import generate  # pylint: disable=g-import-not-at-top
   from training import train as train_lib  # pylint: disable=g-import-not-at-top
 
   model = models.create_model(config.model)
@@ -71,24 +70,35 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
       encode=space.encode if space is not None else None,
       condition=spaces.make_condition(config, space) if space is not None else None)
-  visualise = constants = None
+  constants = None
   if mesh is not None and space is not None:
     constants = jax.device_put(space.params, NamedSharding(mesh, P()))
-  if mesh is not None and config.training.sample_every:
-    sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
-                                           image_shape=image_shape, space=space)
-
-    def visualise(state):
-      images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
-      return writers.image_grid(images, cols=config.model.num_classes or None), {}
-
   return Task(
       init_state=functools.partial(train_step_lib.init_state, model=model, tx=tx,
                                    image_shape=image_shape, num_classes=config.model.num_classes,
                                    concat_channels=spaces.concat_channels(config, image_shape)),
-      train_step=step, constants=constants,
-      metric_names=("loss", "grad_norm"), visualise=visualise, image_tag="samples",
+      train_step=step, constants=constants, metric_names=("loss", "grad_norm"),
+      visualise=sample_grids(config, model=model, schedule=schedule, mesh=mesh, image_shape=image_shape,
+                             space=space), image_tag="samples",
       png_prefix="train_step_")
+
+
+def sample_grids(config: ml_collections.ConfigDict, *, model: Any, schedule: Any,
+                 mesh: Optional[jax.sharding.Mesh], image_shape: tuple[int, ...],
+                 space: Optional[spaces.Space]) -> Optional[Callable[[Any], tuple[np.ndarray, dict]]]:
+  """state -> (a grid of config.sample.num images drawn from its EMA parameters, {}); None without a mesh
+  or with config.training.sample_every = 0."""
+  from training import generate  # pylint: disable=g-import-not-at-top
+
+  if mesh is None or not config.training.sample_every:
+    return None
+  sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
+                                         image_shape=image_shape, space=space)
+
+  def visualise(state):
+    images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
+    return writers.image_grid(images, cols=config.model.num_classes or None), {}
+  return visualise
 
 
 def autoencoder_model(model_config: ml_collections.ConfigDict, *,
