@@ -88,6 +88,24 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.inpaint_training = False  # Train an inpainting model (SD-inpainting): random masks; the input adds the mask and the masked image's latents (or pixels), C + 1 channels.
   diffusion.model_time = "index"  # Network time input: "index" (1000 t, step i as i), "index_from_zero" (step i as i - 1: DDPM's code, diffusers; converted checkpoints) or "c_noise" (ln(sigma) / 4, EDM).
 
+  # Distillation of a trained diffusion run into a few-step student.
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.teacher = ml_collections.config_dict.placeholder(str)  # Workdir of the trained diffusion run to distil (training/teacher.py); None = no teacher.
+  distill.method = ml_collections.config_dict.placeholder(str)  # "consistency": consistency distillation from distill.teacher, or consistency training if it is None; None = diffusion training.
+
+  # distill.method="consistency" (Song et al. 2023; iCT: Song & Dhariwal 2023); needs diffusion.process="edm", diffusion.prediction="consistency".
+  config.consistency = cm = ml_collections.ConfigDict()
+  cm.loss = "pseudo_huber"  # Distance d: "pseudo_huber" (iCT) or "l2" (squared, CM).
+  cm.huber_c = ml_collections.config_dict.placeholder(float)  # Pseudo-Huber c (> 0); None = 0.00054 sqrt(d), d the data's dimension (iCT).
+  cm.weighting = "inverse_gap"  # lambda(sigma_n): "inverse_gap" 1 / (sigma_{n+1} - sigma_n) (iCT) or "uniform" 1 (CM).
+  cm.noise_sampling = "lognormal"  # Level n of a pair: "lognormal" (iCT; p_mean, p_std) or "uniform" (CM).
+  cm.p_mean = -1.1  # "lognormal": mean of ln(sigma) (iCT).
+  cm.p_std = 2.0  # "lognormal": standard deviation of ln(sigma) (iCT, > 0).
+  cm.s0 = 10  # Curriculum N(k) = min(s0 2^floor(k / K'), s1) + 1 Karras levels (iCT, Eq. 10): initial s0 (>= 1).
+  cm.s1 = 1280  # Curriculum's final s1 (>= s0); s0 = s1 = N - 1 fixes N (CM's distillation: 17).
+  cm.target_decay = 0.0  # mu, EMA decay of the target network in [0, 1); 0 = the online network under stop-gradient (iCT), CM's CD 0.95.
+  cm.teacher_guidance_scale = 1.0  # Classifier-free guidance scale of the teacher's Heun step (distillation; 1 = unguided; LCM's w).
+
   # config.model.name="autoencoder" only: the loss of Rombach et al. 2022 (taming's LPIPSWithDiscriminator).
   config.autoencoder_loss = ae_loss = ml_collections.ConfigDict()
   ae_loss.reconstruction = "l1"  # Pixel loss, summed over pixels, averaged over images: "l1" or "l2".

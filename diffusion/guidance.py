@@ -77,6 +77,7 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
                     return_variance: bool = False) -> Callable[[Array, Array], tuple[Array, ...]]:
   """denoise_fn(x_t, t) -> (x0_hat, eps_hat) from apply_fn(x, model_time, cond) -> network output.
 
+  t is a scalar, or one time per example ([B], as consistency distillation's teacher sees).
   The network sees parameterization.network_input of x_t (x_t itself for eps, x0 and v) and
   model_time = schedule.model_time(t) broadcast to [B]; cond is a dict of conditioning arrays
   (guidance.Cond) or None. With uncond (the same keys, e.g. the null label), classifier-free guidance
@@ -103,8 +104,15 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
                      "of a model trained with config.diffusion.p_uncond > 0.")
   both = concat_cond(cond, uncond) if guided else None
 
+  # A consistency model is the identity at the process's smallest sigma (parameterization.py).
+  boundary = {}
+  if prediction == "consistency":
+    boundary["sigma_min"] = jnp.exp(-0.5 * schedule.logsnr(schedule.t_min))
+
   def denoise_fn(x: Array, t: Array) -> tuple[Array, Array]:
     alpha, sigma = (a.astype(x.dtype) for a in schedule.alpha_sigma(t))
+    if jnp.ndim(t):  # A time per example, [B].
+      alpha, sigma = (a.reshape((-1,) + (1,) * (x.ndim - 1)) for a in (alpha, sigma))
     model_time = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],))
     level = dict(alpha=alpha, sigma=sigma, sigma_data=schedule.sigma_data)
     x_in = parameterization.network_input(prediction, x_t=x, **level)
@@ -113,8 +121,8 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
       out_cond, out_uncond = jnp.split(out.astype(x.dtype), 2)
       out_cond, v = learned_variance.split_output(out_cond, learned=learned)
       out_uncond, _ = learned_variance.split_output(out_uncond, learned=learned)
-      x0_cond, eps_cond = parameterization.to_x0_eps(prediction, out_cond, x_t=x, **level)
-      x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, out_uncond, x_t=x, **level)
+      x0_cond, eps_cond = parameterization.to_x0_eps(prediction, out_cond, x_t=x, **level, **boundary)
+      x0_uncond, eps_uncond = parameterization.to_x0_eps(prediction, out_uncond, x_t=x, **level, **boundary)
       x0 = classifier_free_guidance(cond=x0_cond, uncond=x0_uncond, scale=guidance_scale)
       eps = classifier_free_guidance(cond=eps_cond, uncond=eps_uncond, scale=guidance_scale)
       if guidance_rescale:
@@ -123,7 +131,7 @@ def make_denoise_fn(apply_fn: Callable[[Array, Array, Any], Array], *, schedule:
     else:
       out = apply_fn(x_in, model_time, cond).astype(x.dtype)
       out, v = learned_variance.split_output(out, learned=learned)
-      x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, **level)
+      x0, eps = parameterization.to_x0_eps(prediction, out, x_t=x, **level, **boundary)
     if dynamic_threshold is not None:
       x0 = _threshold(x0, percentile=dynamic_threshold)
     elif clip_x0:

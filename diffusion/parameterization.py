@@ -1,4 +1,5 @@
-"""The forward process and conversions between the network's possible outputs: eps, x0, v, edm, velocity.
+"""The forward process and conversions between the network's possible outputs: eps, x0, v, edm, velocity,
+consistency.
 
 x_t = alpha x0 + sigma eps (Ho et al. 2020, Eq. 4) with alpha^2 + sigma^2 = 1, the currency of every
 process (schedules.py); v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4).
@@ -14,16 +15,21 @@ of its own paper whatever the process:
 - "velocity" (flow matching, Lipman et al. 2023, Eq. 23; rectified flow, Liu et al. 2023, Eq. 1):
   u = eps - x0, the network seeing the flow's x = (1 - t) x0 + t eps = x_t / (alpha + sigma) on the
   "flow" process (on another process, the same rescaling of its x_t).
+- "consistency" (Song et al. 2023, Eq. 5 and App. C): the network F of a consistency model, f(x, sigma)
+  = c_skip x + c_out F(c_in x) with EDM's c_in and c_skip, c_out shifted so that f(x, sigma_min) = x
+  (consistency_scalings). Its x0 is f; it is trained by the consistency task (training/consistency.py),
+  not on a regression target.
 c_noise, the time input, is the schedule's (Schedule.model_time).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 Array = jnp.ndarray
 
-PREDICTIONS = ("eps", "x0", "v", "edm", "velocity")
+PREDICTIONS = ("eps", "x0", "v", "edm", "velocity", "consistency")
 
 
 def diffuse(*, x0: Array, noise: Array, alpha: Array, sigma: Array) -> Array:
@@ -85,6 +91,26 @@ def edm_to_eps(*, x_t: Array, f: Array, alpha: Array, sigma: Array, sigma_data: 
   return (sigma / r**2) * x_t - (alpha * sigma_data / r) * f
 
 
+def consistency_scalings(*, sigma: Array, sigma_min: float,
+                         sigma_data: float) -> tuple[Array, Array, Array]:
+  """Song et al. 2023, App. C: c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2), c_out =
+
+  (sigma - sigma_min) sigma_data / sqrt(sigma_data^2 + sigma^2), and EDM's c_in = 1 / sqrt(sigma^2 +
+  sigma_data^2); at sigma = sigma_min, c_skip = 1 and c_out = 0 exactly.
+  """
+  gap = sigma - sigma_min
+  c_skip = sigma_data**2 / (gap**2 + sigma_data**2)
+  c_out = gap * sigma_data * jax.lax.rsqrt(sigma_data**2 + sigma**2)
+  return c_skip, c_out, jax.lax.rsqrt(sigma**2 + sigma_data**2)
+
+
+def consistency_to_x0(*, x_t: Array, f: Array, alpha: Array, sigma: Array, sigma_data: float,
+                      sigma_min: float) -> Array:
+  """f(x, sigma) = c_skip x + c_out F in Karras's x = x_t / alpha, sigma = sigma_t / alpha."""
+  c_skip, c_out, _ = consistency_scalings(sigma=sigma / alpha, sigma_min=sigma_min, sigma_data=sigma_data)
+  return c_skip * (x_t / alpha) + c_out * f
+
+
 def velocity_target(*, x0: Array, eps: Array) -> Array:
   """Liu et al. 2023, Eq. 1 (Lipman et al. 2023, Eq. 23): u = eps - x0, the flow's dx/dt."""
   return eps - x0
@@ -101,7 +127,7 @@ def velocity_to_eps(*, x_t: Array, u: Array, alpha: Array, sigma: Array) -> Arra
 
 
 def _need_sigma_data(prediction: str, sigma_data: float | None) -> None:
-  if prediction == "edm" and sigma_data is None:
+  if prediction in ("edm", "consistency") and sigma_data is None:
     raise ValueError("The 'edm' parameterisation needs sigma_data (config.diffusion.sigma_data).")
 
 
@@ -111,10 +137,13 @@ def _unknown(prediction: str) -> ValueError:
 
 def network_input(prediction: str, *, x_t: Array, alpha: Array, sigma: Array,
                   sigma_data: float | None = None) -> Array:
-  """What the network sees of x_t: x_t itself, EDM's c_in x = x_t / r, or the flow's x_t / (alpha + sigma)."""
+  """What the network sees of x_t: x_t itself, EDM's c_in x = x_t / r (edm, consistency), or the flow's
+
+  x_t / (alpha + sigma).
+  """
   if prediction in ("eps", "x0", "v"):
     return x_t
-  if prediction == "edm":
+  if prediction in ("edm", "consistency"):
     _need_sigma_data(prediction, sigma_data)
     return x_t / edm_input_std(alpha=alpha, sigma=sigma, sigma_data=sigma_data)
   if prediction == "velocity":
@@ -123,8 +152,11 @@ def network_input(prediction: str, *, x_t: Array, alpha: Array, sigma: Array,
 
 
 def to_x0_eps(prediction: str, output: Array, *, x_t: Array, alpha: Array, sigma: Array,
-              sigma_data: float | None = None) -> tuple[Array, Array]:
-  """The (x0, eps) pair implied by a network output of the given parameterisation."""
+              sigma_data: float | None = None, sigma_min: float = 0.0) -> tuple[Array, Array]:
+  """The (x0, eps) pair implied by a network output of the given parameterisation.
+
+  sigma_min: the Karras sigma where a consistency model is the identity (config.diffusion.sigma_min).
+  """
   if prediction == "eps":
     return eps_to_x0(x_t=x_t, eps=output, alpha=alpha, sigma=sigma), output
   if prediction == "x0":
@@ -139,6 +171,11 @@ def to_x0_eps(prediction: str, output: Array, *, x_t: Array, alpha: Array, sigma
   if prediction == "velocity":
     return (velocity_to_x0(x_t=x_t, u=output, alpha=alpha, sigma=sigma),
             velocity_to_eps(x_t=x_t, u=output, alpha=alpha, sigma=sigma))
+  if prediction == "consistency":
+    _need_sigma_data(prediction, sigma_data)
+    x0 = consistency_to_x0(x_t=x_t, f=output, alpha=alpha, sigma=sigma, sigma_data=sigma_data,
+                           sigma_min=sigma_min)
+    return x0, x0_to_eps(x_t=x_t, x0=x0, alpha=alpha, sigma=sigma)
   raise _unknown(prediction)
 
 
@@ -156,4 +193,7 @@ def target(prediction: str, *, x0: Array, eps: Array, alpha: Array, sigma: Array
     return edm_target(x0=x0, eps=eps, alpha=alpha, sigma=sigma, sigma_data=sigma_data)
   if prediction == "velocity":
     return velocity_target(x0=x0, eps=eps)
+  if prediction == "consistency":
+    raise ValueError("config.diffusion.prediction='consistency' has no regression target: it is trained "
+                     "by config.distill.method='consistency'.")
   raise _unknown(prediction)

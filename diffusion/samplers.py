@@ -508,6 +508,31 @@ def sample_euler_a(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Arr
 
 
 # ----------------------------------------------------------------------------------------------------
+# Consistency models (Song et al. 2023).
+
+
+def sample_consistency(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array, *,
+                       schedule: schedules.Schedule) -> Array:
+  """Song et al. 2023, Alg. 1: x = f(x_T, t_0), then for each later t_i > 0 of the grid re-noise to it,
+
+  x_i = x + sqrt(sigma_i^2 - sigma_min^2) z (Karras's sigma; sigma_min that of schedule.t_min, where f is
+  the identity), and x = f(x_i, t_i). f is denoise_fn's x0_hat; one call per step, and with one step
+  it is the one-step f(sigma_max z, sigma_max) (x_T / alpha(1) = sqrt(1 + sigma_max^2) z).
+  """
+  sigma_min = karras_sigma(schedule, jnp.asarray(schedule.t_min))
+
+  def body(x, xs):
+    _, t, t_next, key = xs
+    x0, _ = denoise_fn(x, t)
+    _, alpha_next, _ = noise_level(schedule, t_next)
+    sigma_next = karras_sigma(schedule, t_next)
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    renoised = alpha_next * (x0 + jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_min**2, 0.0)) * noise)
+    return jnp.where(t_next > 0, renoised, x0).astype(x.dtype)
+  return _scan(body, x_T, timesteps, rng)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Selection by name.
 
 SAMPLERS: dict[str, Callable[..., Array]] = {
@@ -521,6 +546,7 @@ SAMPLERS: dict[str, Callable[..., Array]] = {
     "euler_a": sample_euler_a,
     "heun": sample_heun,
     "unipc3": sample_unipc3,
+    "consistency": sample_consistency,
 }
 
 # The grid each sampler takes by default, on a discrete and on a continuous schedule, chosen by
@@ -531,6 +557,8 @@ SAMPLERS: dict[str, Callable[..., Array]] = {
 #   trailing grid the last steps stay a constant size in lambda however many steps are taken, which
 #   leaves the multistep solvers near first order (3M at 100 steps: 5e-3 there, 2e-4 logSNR-uniform).
 # - Euler, Euler ancestral, Heun: Karras et al.'s rho = 7 grid in sigma, their own choice.
+# - Consistency: "trailing", on the EDM process the Karras grid of steps + 1 levels down to sigma = 0
+#   (2 steps: sigma 80, 2.5); "karras" would spend the last step at sigma_min, where f is the identity.
 # On discrete schedules the last two feed the network times between the trained ones, as the
 # DPM-Solver reference code does for discrete-time models.
 DEFAULT_GRIDS: dict[str, tuple[str, str]] = {
@@ -544,6 +572,7 @@ DEFAULT_GRIDS: dict[str, tuple[str, str]] = {
     "euler_a": ("karras", "karras"),
     "heun": ("karras", "karras"),
     "unipc3": ("logsnr", "logsnr"),
+    "consistency": ("trailing", "trailing"),
 }
 
 

@@ -10,6 +10,7 @@ import ml_collections
 
 import input_pipeline
 import models
+from diffusion import consistency
 from diffusion import distillation
 from diffusion import grids
 from diffusion import losses
@@ -182,22 +183,34 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
            f"config.diffusion.num_timesteps > 0, got {diffusion.num_timesteps}.")
 
 
-# config.distill.method: None trains a diffusion model; each name distils config.distill.teacher
-# (training/tasks.py, DISTILLATION_TASKS).
-DISTILL_METHODS = ("progressive",)
+# config.distill.method: None trains a diffusion model; each name distils config.distill.teacher, or for
+# "consistency" without a teacher trains a consistency model (training/tasks.py, DISTILLATION_TASKS).
+DISTILL_METHODS = ("progressive", "consistency")
 
 
 def validate_distill(config: ml_collections.ConfigDict) -> None:
-  """config.distill; the teacher's workdir itself is checked where it is read (training/teacher.py)."""
-  distill = config.distill
-  if distill.method is None:
-    return
-  _choice("distill.method", distill.method, DISTILL_METHODS)
-  _require(config.model.name != "autoencoder", f"config.distill.method={distill.method!r} distils a "
-           "diffusion model; config.model.name='autoencoder' trains an autoencoder.")
-  _require(isinstance(distill.teacher, str) and distill.teacher != "",
-           f"config.distill.teacher={distill.teacher!r} must be the workdir of a trained diffusion run.")
+  """config.distill and what its method needs (config.consistency for "consistency").
+
+  The teacher's workdir itself is checked where it is read (training/teacher.py).
+  """
+  distill, cm = config.distill, config.consistency
+  if distill.method is not None:
+    _choice("distill.method", distill.method, DISTILL_METHODS)
+    _require(config.model.name != "autoencoder", f"config.distill.method={distill.method!r} distils a "
+             "diffusion model; config.model.name='autoencoder' trains an autoencoder.")
+  if distill.teacher is not None:
+    _require(distill.method is not None, f"config.distill.teacher={distill.teacher!r} is set but "
+             f"config.distill.method is None; set it to one of {', '.join(DISTILL_METHODS)}.")
+    _require(os.path.isdir(os.path.expanduser(distill.teacher)), f"config.distill.teacher="
+             f"{distill.teacher!r} does not exist; give the workdir of a trained diffusion run.")
+  consistent = distill.method == "consistency"
+  _require(consistent == (config.diffusion.prediction == "consistency"),
+           f"config.diffusion.prediction={config.diffusion.prediction!r} and config.distill.method="
+           f"{distill.method!r}: a consistency model (prediction 'consistency') is trained by "
+           "distill.method='consistency', and only it.")
   if distill.method == "progressive":
+    _require(isinstance(distill.teacher, str) and distill.teacher != "",
+             f"config.distill.teacher={distill.teacher!r} must be the workdir of a trained diffusion run.")
     n = distill.student_steps
     _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0,
              f"config.distill.student_steps={n!r} must be a power of two (1, 2, 4, ...): each round of "
@@ -211,6 +224,24 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
              "start where SNR is near 0, where x0 = (z - sigma eps) / alpha is lost (Salimans & Ho "
              "2022, Sec. 4). Use 'v' (theirs) or 'x0'; the student starts from the teacher's weights, "
              "whatever those predict.")
+  if not consistent:
+    return
+  _require(config.diffusion.process == "edm", f"config.distill.method='consistency' needs "
+           f"config.diffusion.process='edm' (Karras's sigma), got {config.diffusion.process!r}.")
+  _choice("consistency.loss", cm.loss, consistency.LOSSES)
+  _choice("consistency.weighting", cm.weighting, consistency.WEIGHTINGS)
+  _choice("consistency.noise_sampling", cm.noise_sampling, consistency.NOISE_SAMPLINGS)
+  _require(cm.huber_c is None or cm.huber_c > 0, f"config.consistency.huber_c={cm.huber_c} must be > 0 "
+           "or None (0.00054 sqrt(d)).")
+  _require(cm.p_std > 0, f"config.consistency.p_std={cm.p_std} must be > 0.")
+  _require(isinstance(cm.s0, int) and isinstance(cm.s1, int) and 1 <= cm.s0 <= cm.s1,
+           f"config.consistency.s0={cm.s0!r} and s1={cm.s1!r} must be integers with 1 <= s0 <= s1.")
+  _require(0 <= cm.target_decay < 1, f"config.consistency.target_decay={cm.target_decay} must be in [0, 1).")
+  _require(cm.teacher_guidance_scale >= 0,
+           f"config.consistency.teacher_guidance_scale={cm.teacher_guidance_scale} must be >= 0.")
+  _require(cm.teacher_guidance_scale == 1.0 or config.model.num_classes > 0,
+           f"config.consistency.teacher_guidance_scale={cm.teacher_guidance_scale} guides a "
+           "class-conditional teacher; config.model.num_classes is 0.")
 
 
 def validate_autoencoder_loss(loss: ml_collections.ConfigDict, *, image_size: int) -> None:

@@ -66,6 +66,10 @@ class SampleOptions:
     if s.ddpm_variance == "learned" and not learned:
       raise ValueError("config.sample.ddpm_variance='learned' needs a model with learned variances "
                        "(config.model.dit.learn_sigma=True).")
+    if (config.diffusion.prediction == "consistency") != (karras["sampler"] == "consistency"):
+      raise ValueError(f"config.sample.sampler={karras['sampler']!r} with config.diffusion.prediction="
+                       f"{config.diffusion.prediction!r}: a consistency model is sampled by the "
+                       "'consistency' sampler, and only it samples one.")
     timesteps = None
     if s.get("grid_file") is not None:
       timesteps = grids.read_grid_file(s.grid_file, steps=s.steps)

@@ -188,7 +188,7 @@ def progressive_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
                                  concat_channels=spaces.concat_channels(config, image_shape))
   teacher_prediction, teacher_clip, constants, visualise = config.diffusion.prediction, False, None, None
   if mesh is not None:
-    teacher = teacher_lib.load_teacher(config.distill.teacher, config=config)
+    teacher = teacher_lib.load_teacher(config.distill.teacher, config=config, same_network=True)
     check_teacher(teacher, config, image_shape=image_shape)
     logging.info("Teacher: step %d of %s (%s prediction); the student samples in %d DDIM steps.",
                  teacher.step, config.distill.teacher, teacher.config.diffusion.prediction,

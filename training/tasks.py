@@ -26,6 +26,7 @@ from models import autoencoder as autoencoder_lib
 from models import discriminator as discriminator_lib
 from models import lpips as lpips_lib
 from training import autoencoder_step
+from training import consistency
 from training import lora
 from training import progressive
 from training import spaces
@@ -60,7 +61,6 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
 
   The step's constants are the space's frozen parameters (the autoencoder's in latent space).
   """
-  from training import generate  # pylint: disable=g-import-not-at-top
   from training import train as train_lib  # pylint: disable=g-import-not-at-top
 
   model = models.create_model(config.model)
@@ -81,28 +81,44 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
           config.diffusion, learn_sigma=models.learns_variance(config.model)),
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
       encode=encode, condition=condition, params_fn=params_fn)
-  visualise = constants = None
+  constants = None
   if mesh is not None and space is not None:
     constants = jax.device_put(space.params, NamedSharding(mesh, P()))
     if adapters is not None:
       base = lora.load_base(config.lora.base, expected=base_shapes(config, image_shape=image_shape),
                             mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
       constants = {"space": constants, "base": base}
-  if mesh is not None and config.training.sample_every:
-    sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
-                                           image_shape=image_shape, space=space)
-
-    def visualise(state):
-      params = state.ema_params
-      if adapters is not None:  # Merged once per grid, outside the sampler's program.
-        params = lora.merge_on_device(constants["base"], params, scale=adapters.scale)
-      images, _ = sampler.sample(params, seed=config.sample.seed, num=config.sample.num)
-      return writers.image_grid(images, cols=config.model.num_classes or None), {}
-
+  sampled_params = None
+  if adapters is not None:  # Merged once per grid, outside the sampler's program.
+    sampled_params = lambda state: lora.merge_on_device(constants["base"], state.ema_params,
+                                                        scale=adapters.scale)
   return Task(
       init_state=init_state, train_step=step, constants=constants,
-      metric_names=("loss", "grad_norm"), visualise=visualise, image_tag="samples",
-      png_prefix="train_step_")
+      metric_names=("loss", "grad_norm"),
+      visualise=sample_grids(config, model=model, schedule=schedule, mesh=mesh, image_shape=image_shape,
+                             space=space, sampled_params=sampled_params),
+      image_tag="samples", png_prefix="train_step_")
+
+
+def sample_grids(config: ml_collections.ConfigDict, *, model: Any, schedule: Any,
+                 mesh: Optional[jax.sharding.Mesh], image_shape: tuple[int, ...],
+                 space: Optional[spaces.Space],
+                 sampled_params: Optional[Callable[[Any], Any]] = None,
+                 ) -> Optional[Callable[[Any], tuple[np.ndarray, dict]]]:
+  """state -> (a grid of config.sample.num images drawn from its EMA parameters, {}); None without a mesh
+  or with config.training.sample_every = 0. sampled_params(state) replaces state.ema_params (LoRA)."""
+  from training import generate  # pylint: disable=g-import-not-at-top
+
+  if mesh is None or not config.training.sample_every:
+    return None
+  sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
+                                         image_shape=image_shape, space=space)
+
+  def visualise(state):
+    params = state.ema_params if sampled_params is None else sampled_params(state)
+    images, _ = sampler.sample(params, seed=config.sample.seed, num=config.sample.num)
+    return writers.image_grid(images, cols=config.model.num_classes or None), {}
+  return visualise
 
 
 def _base_init(config: ml_collections.ConfigDict, *, model: Any, tx: Any,
@@ -215,9 +231,10 @@ def autoencoder_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
 
 # task_name(config) -> the function that builds the task.
 TASKS = {"diffusion": diffusion_task, "autoencoder": autoencoder_task,
-         "progressive_distillation": progressive.progressive_task}
+         "progressive_distillation": progressive.progressive_task,
+         "consistency": consistency.consistency_task}
 # config.distill.method -> its key of TASKS.
-DISTILLATION_TASKS = {progressive.METHOD: "progressive_distillation"}
+DISTILLATION_TASKS = {progressive.METHOD: "progressive_distillation", "consistency": "consistency"}
 
 
 def create_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...], rng: jax.Array,

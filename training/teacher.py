@@ -3,9 +3,9 @@
   teacher = load_teacher("runs/digits", config=student_config)
 
 gives the model, the EMA parameters of the latest readable checkpoint, the run's config, schedule,
-image shape and space. The student is initialised from those parameters, so its network must be the
-teacher's: config.model, config.diffusion and config.latent must match the teacher's run, except the
-keys in STUDENT_MAY_DIFFER.
+image shape and space. Every student needs the teacher's image size, classes and autoencoder; a
+student initialised from the teacher's parameters (progressive distillation) also needs its network:
+config.model, config.diffusion and config.latent must match, except the keys in STUDENT_MAY_DIFFER.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from training import spaces
 # distil into v or x0 prediction) starts from the teacher's weights, whatever those predicted.
 STUDENT_MAY_DIFFER = frozenset({"diffusion.prediction"})
 _MODEL_SECTIONS = ("model", "diffusion", "latent")
+# What any student shares with its teacher: the data it models and the conditioning it takes.
+_SHARED_KEYS = ("data.image_size", "model.num_classes", "latent.autoencoder")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,11 +58,15 @@ def model_differences(teacher: dict[str, Any], student: dict[str, Any]) -> dict[
           if before.get(key) != after.get(key)}
 
 
-def load_teacher(workdir: str, *, config: ml_collections.ConfigDict) -> Teacher:
+def load_teacher(workdir: str, *, config: ml_collections.ConfigDict,
+                 same_network: bool = False) -> Teacher:
   """The diffusion run in workdir (config.distill.teacher), checked against the student's config.
 
-  Raises ValueError naming config.distill.teacher when workdir does not exist, is not the workdir of
-  a diffusion run with a checkpoint, or its model differs from config's (every differing key listed).
+  Raises ValueError naming config.distill.teacher, before any parameter is read, when workdir does not
+  exist, is not the workdir of a diffusion run with a checkpoint (an autoencoder or a consistency model
+  is not a teacher), models other data (image size, classes, autoencoder), or, with same_network (a
+  student initialised from the teacher), when its network differs (every differing key listed). Its
+  parameters lie on config.mesh as its checkpoint's rules say.
   """
   from evaluation import run as run_lib  # pylint: disable=g-import-not-at-top
   from training import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -86,16 +92,22 @@ def load_teacher(workdir: str, *, config: ml_collections.ConfigDict) -> Teacher:
     manager.close()
   if step is None:
     raise ValueError(f"{key} has no checkpoint in {checkpoints.checkpoint_dir(path)}: train it first.")
-  saved = checkpoints.restore_config(path, step).to_dict()
-  differences = model_differences(saved, config.to_dict())
+  saved = checkpoints.restore_config(path, step)
+  if saved.diffusion.prediction == "consistency":
+    raise ValueError(f"{key} is a consistency model; a teacher is a diffusion model.")
+  for shared in _SHARED_KEYS:
+    section, name = shared.split(".")
+    if config[section][name] != saved[section][name]:
+      raise ValueError(f"{key} is a different model: its config.{shared}={saved[section][name]!r}, the "
+                       f"student's {config[section][name]!r}.")
+  differences = model_differences(saved.to_dict(), config.to_dict()) if same_network else {}
   if differences:
     lines = [f"  {k}: teacher {a!r}, student {b!r}" for k, a, b in
              ((k, *v) for k, v in differences.items())]
     raise ValueError(f"{key}: the student is initialised from the teacher, so its network must be the "
                      "teacher's; these keys differ:\n" + "\n".join(lines) + "\nUse the teacher's config "
                      "(only config.diffusion.prediction may differ).")
-  trained, state, model, schedule = run_lib.load_run(path, mesh=train_lib.create_mesh())
-  shape = run_lib.image_shape(path, int(state.step))
+  trained, state, model, schedule = run_lib.load_run(path, step, mesh=train_lib.create_mesh(config.mesh))
+  shape = run_lib.image_shape(path, step)
   return Teacher(model=model, params=state.ema_params, config=trained, schedule=schedule,
-                 image_shape=tuple(shape), space=spaces.space_for_run(trained, shape),
-                 step=int(state.step))
+                 image_shape=tuple(shape), space=spaces.space_for_run(trained, shape), step=int(step))

@@ -135,8 +135,8 @@ def apply_if_finite(finite: jax.Array, state: TrainState, grads: Any, *,
   def update(state):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(step=state.step + 1, params=params,
-                      ema_params=ema_update(state.ema_params, params, ema_decay), opt_state=opt_state)
+    return state.replace(step=state.step + 1, params=params,
+                         ema_params=ema_update(state.ema_params, params, ema_decay), opt_state=opt_state)
   return jax.lax.cond(finite, update, lambda state: state, state)
 
 
