@@ -37,6 +37,7 @@ RESUMABLE_KEYS = frozenset({
     "diffusion.time_sampling", "diffusion.p_mean", "diffusion.p_std", "diffusion.logit_mean",
     "diffusion.logit_std",  # Where training spends its effort, not what the network computes.
     "latent.scale_batches",  # Only estimates the scale factor, which is itself saved.
+    "latent.cache",  # The same posteriors, encoded once rather than every step.
 })
 # Besides these sections: the optimizer state's structure (clipping adds a stage to optax's chain)
 # and the image shape the model was built for.

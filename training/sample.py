@@ -43,7 +43,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
                                                      step_key="config.sample.checkpoint_step")
   step = int(state.step)
   # The checkpoint's own model, schedule and space; the sampling settings of the command line.
-  trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
+  trained = run_lib.with_command_line(trained, config, sections=("sample",))
   image_shape = run_lib.image_shape(workdir, step)
   space = spaces.space_for_run(trained, image_shape)
   image = mask = None

@@ -66,7 +66,7 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
       model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
       hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
-      encode=space.encode if space is not None else None,
+      encode=space.encode_batch if space is not None else None,
       condition=spaces.make_condition(config, space) if space is not None else None)
   visualise = constants = None
   if mesh is not None and space is not None:
@@ -221,13 +221,11 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str) -> str:
   return path
 
 
-def refuse_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
-  del workdir
-  raise ValueError(
-      f"config.model.name={config.model.name!r}: --mode=eval computes FID/IS of a diffusion model's "
-      "samples. For an autoencoder, --mode=sample reconstructs config.sample.num images of "
-      "config.data.holdout_split and reports their PSNR.")
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """--mode=eval of an autoencoder run: PSNR, rFID and LPIPS of held-out reconstructions."""
+  from evaluation import autoencoder_eval  # pylint: disable=g-import-not-at-top
+  return autoencoder_eval.evaluate_autoencoder(config, workdir)
 
 
 # main.py's modes that differ for an autoencoder run.
-AUTOENCODER_MODES = {"sample": reconstruct, "eval": refuse_eval}
+AUTOENCODER_MODES = {"sample": reconstruct, "eval": evaluate}
