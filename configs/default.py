@@ -124,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   latent.autoencoder = ml_collections.config_dict.placeholder(str)  # Converted autoencoder directory (scripts/convert_diffusers_vae.py); None = pixel space.
   latent.scale_factor = ml_collections.config_dict.placeholder(float)  # Latents are multiplied by it (0.18215 for SD 1.x); None = 1/std of the first training latents, saved with the run.
   latent.scale_batches = 4  # Training batches whose latents estimate the scale factor when it is None.
+  latent.cache = ml_collections.config_dict.placeholder(str)  # Directory of config.data.split's posteriors written by --mode=encode, read instead of encoding each batch; None = encode each batch.
 
   # Text conditioning (training/text.py): cond["context"] of a cross-attention model (config.model.name="sd_unet").
   config.text = text = ml_collections.ConfigDict()

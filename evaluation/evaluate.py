@@ -341,9 +341,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
       if restored is None:
         continue
       trained, state, model, schedule, image_shape = restored
-      trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
-      trained.eval = ml_collections.ConfigDict(ev.to_dict())
-      trained.data = ml_collections.ConfigDict(config.data.to_dict())
+      trained = run_lib.with_command_line(trained, config, sections=("sample", "eval", "data"))
       if ev.nll and trained.latent.autoencoder is not None:
         raise ValueError("config.eval.nll=True: the likelihood of a latent diffusion model is that of "
                          "the latents, not of the images, and is not computed; pass "

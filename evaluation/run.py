@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import linen as nn
 
 import models
@@ -91,6 +92,25 @@ def make_sampler(config: ml_collections.ConfigDict, model: nn.Module, schedule: 
                           concat_channels=spaces.concat_channels(config, image_shape))
 
 
+def with_command_line(trained: ml_collections.ConfigDict, config: ml_collections.ConfigDict, *,
+                      sections: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """A run's saved config with the command line's sections (e.g. "sample", "eval") and autoencoder.
+
+  The model, schedule and latent scale factor stay the run's. config.latent.autoencoder, where the
+  command line names another than the run's (the directory moved, or a fine-tuned decoder), replaces
+  it; spaces.space_for_run then checks it has the run's latent channels and downsampling factor.
+  """
+  trained = trained.copy_and_resolve_references()
+  for section in sections:
+    trained[section] = ml_collections.ConfigDict(config[section].to_dict())
+  new, saved = config.latent.autoencoder, trained.latent.autoencoder
+  expand = lambda path: os.path.abspath(os.path.expanduser(path))
+  if new is not None and saved is not None and expand(new) != expand(saved):
+    logging.warning("config.latent.autoencoder=%r replaces the run's %r.", new, saved)
+    trained.latent.autoencoder = new
+  return trained
+
+
 def params_per_module(params: Any) -> dict[str, int]:
   """Number of parameters under each top-level module of a parameter tree."""
   return {name: models.count_params(sub) for name, sub in params.items()}
@@ -120,6 +140,7 @@ class DatasetImages:
     info = sources.open_source(name=data_config.name, split=data_config.split,
                                data_dir=data_config.data_dir, image_size=data_config.image_size)
     self._source = info.source
+    self.num_classes, self.num_channels = info.num_classes, info.num_channels
     self._preprocess = preprocess.Preprocess(data_config.image_size, data_config.resize,
                                              use_label=info.has_label)
 

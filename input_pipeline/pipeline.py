@@ -89,13 +89,27 @@ def build_process_batches(source: Any, *, image_size: int, resize: str, random_f
   Elements are {"image": float32 [L,H,W,C] in [-1, 1], "label": int32 [L]}, L = G // P.
   `source` is any random-access source (__len__, __getitem__ -> {"image", "label"}).
   """
-  local_batch_size = global_batch_size // process_count
-  ds = grain.MapDataset.source(source).seed(seed)
-  ds = ds.shuffle().repeat(None)  # A new global order each epoch, derived from the seed.
-  ds = ds.map(preprocess.Preprocess(image_size, resize, use_label=has_label))
+  transforms = [preprocess.Preprocess(image_size, resize, use_label=has_label)]
   if random_flip:
-    ds = ds.random_map(preprocess.RandomFlip())  # Seeded by (seed, stream position).
-  ds = ds.batch(local_batch_size, drop_remainder=True)
+    transforms.append(preprocess.RandomFlip())  # Seeded by (seed, stream position).
+  return shuffled_batches(source, transforms, seed=seed, global_batch_size=global_batch_size,
+                          process_index=process_index, process_count=process_count)
+
+
+def shuffled_batches(source: Any, transforms: list[Any], *, seed: int, global_batch_size: int,
+                     process_index: int, process_count: int) -> grain.MapDataset:
+  """Element k: this process's part of global batch k of source, each example mapped by transforms.
+
+  transforms are grain Maps or RandomMaps, applied in order; the order of the examples is a new
+  global shuffle each epoch, derived from the seed.
+  """
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  for transform in transforms:
+    if isinstance(transform, grain.transforms.RandomMap):
+      ds = ds.random_map(transform)
+    else:
+      ds = ds.map(transform)
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   return ds[process_index::process_count]
 
 

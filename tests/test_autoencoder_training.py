@@ -13,15 +13,22 @@ import optax
 import pytest
 
 from configs import tiny
+from evaluation import evaluate as evaluate_lib
+from evaluation import fid
+from evaluation import inception
 from evaluation import run as run_lib
 from models import autoencoder
 from models import discriminator as discriminator_lib
+from models import lpips as lpips_lib
 from models import pretrained
 from training import autoencoder_step
 from training import checkpoints
 from training import config_check
 from training import tasks
 from training import train as train_lib
+from training import writers
+
+from tests.test_eval import PixelFeatures
 
 
 def ae_config(**overrides):
@@ -180,10 +187,39 @@ def test_load_autoencoder_reads_a_trained_workdir_and_sample_reconstructs(runs, 
   with np.load(path + ".npz") as result:
     assert result["inputs"].shape == result["reconstructions"].shape == (8, 16, 16, 1)
     assert np.all(np.isfinite(result["psnr"])) and np.mean(result["psnr"]) > 5
-  with pytest.raises(ValueError, match=r"config\.model\.name='autoencoder': --mode=eval"):
-    tasks.refuse_eval(ae_config(), straight)
   with pytest.raises(FileNotFoundError, match="is not a KL autoencoder"):
     pretrained.load_autoencoder(str(tmp_path))
+
+
+def test_eval_records_psnr_rfid_and_lpips_of_held_out_reconstructions(runs, tmp_path, monkeypatch):
+  straight, _, _ = runs
+  monkeypatch.setattr(inception, "FeatureExtractor", PixelFeatures)
+  monkeypatch.setattr(inception, "load_variables", lambda path: None)
+  shapes = jax.eval_shape(lpips_lib.LPIPS().init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                          jnp.zeros((1, 16, 16, 3)))["params"]
+  rng = np.random.default_rng(0)
+  lpips_params = jax.tree.map(lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32) * 0.05, shapes)
+  lpips_lib.save_params(str(tmp_path / "lpips.npz"), lpips_params)
+  config = ae_config(**{"eval.num_samples": 12, "eval.batch_size": 8, "eval.step": 6,
+                        "autoencoder_loss.lpips_path": str(tmp_path / "lpips.npz")})
+  (record,) = tasks.AUTOENCODER_MODES["eval"](config, straight)
+  assert record["step"] == 6 and record["num_images"] == 12 and record["holdout"] == "digits:train[1000:]"
+  # The same figures from the reconstructions of the same 12 held-out images, computed here.
+  model, params, _ = pretrained.load_autoencoder(straight)
+  images = tasks.holdout_images(ae_config(**{"sample.num": 12}))
+  x_hat, psnr = tasks.make_reconstruct(model, train_lib.create_mesh())(params, images)
+  assert record["psnr"] == pytest.approx(float(np.mean(psnr)), rel=1e-5)
+  features = lambda a: PixelFeatures(None, mesh=None, batch_size=8)(a)["pool3"].astype(np.float64)
+  recon, orig = features(writers.to_uint8(x_hat)), features(writers.to_uint8(images))
+  rfid = fid.frechet_distance(recon.mean(0), np.cov(recon, rowvar=False), orig.mean(0),
+                              np.cov(orig, rowvar=False))
+  assert record["rfid"] == pytest.approx(rfid, rel=1e-4) and record["rfid"] > 0
+  lpips = lpips_lib.LPIPS().apply({"params": lpips_params}, jnp.clip(x_hat, -1, 1), images)
+  assert record["lpips"] == pytest.approx(float(jnp.mean(lpips)), rel=1e-4) and record["lpips"] > 0
+  assert evaluate_lib.read_metrics(os.path.join(straight, "eval", "metrics.jsonl")) == [record]
+  steps, values = run_lib.read_scalars(os.path.join(straight, "eval"), "rfid/n12")
+  assert list(steps) == [6] and values[0] == pytest.approx(record["rfid"], rel=1e-6)
+  assert tasks.AUTOENCODER_MODES["eval"](config, straight) == []  # Already evaluated: skipped.
 
 
 @pytest.mark.parametrize("key,value,message", [

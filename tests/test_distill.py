@@ -168,10 +168,10 @@ def test_bad_input_is_refused_before_compiling(runs, tmp_path, monkeypatch, over
   assert not os.path.exists(workdir / "checkpoints") and not os.path.exists(workdir / "config.json")
 
 
-def test_distill_section_alone_is_checked():
-  config = student_config("somewhere", **{"distill.weighting": "snr"})
+def test_distill_section_alone_is_checked(tmp_path):
+  config = student_config(str(tmp_path), **{"distill.weighting": "snr"})
   with pytest.raises(ValueError, match=r"config\.distill\.weighting='snr' is not one of truncated_snr"):
     config_check.validate_distill(config)
-  config = student_config("somewhere", **{"diffusion.num_timesteps": 2})
+  config = student_config(str(tmp_path), **{"diffusion.num_timesteps": 2})
   with pytest.raises(ValueError, match=r"teacher's grid of 4 steps needs at most"):
     config_check.validate_distill(config)

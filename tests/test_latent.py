@@ -23,6 +23,7 @@ from models import pretrained
 from training import checkpoints
 from training import config_check
 from training import generate
+from training import latent_cache
 from training import sample as sample_lib
 from training import spaces
 from training import train as train_lib
@@ -267,3 +268,124 @@ def test_bad_latent_inputs_name_the_key_or_file(ae_dir, tmp_path):
   image, keep = config_check.read_inpaint_files(sample, data_shape=(16, 16, 1))
   assert image.shape == (16, 16, 1) and float(image.min()) == -1.0
   assert keep.shape == (16, 16, 1) and keep[:4].min() == 1 and keep[4:8].max() == 0  # White keeps.
+
+
+# ----------------------------------------------------------------------------------------------------
+# The latent cache (--mode=encode) and the autoencoder of a run replaced at sampling.
+
+
+@pytest.fixture(scope="module")
+def cache(ae_dir, tmp_path_factory):
+  """train[:40] encoded with mirrored images' posteriors too; an encode killed after a batch before."""
+  directory = str(tmp_path_factory.mktemp("cache") / "latents")
+  config = latent_config(ae_dir, **{"data.split": "train[:40]", "data.random_flip": True,
+                                    "latent.cache": directory, "eval.batch_size": 16})
+  read = run_lib.DatasetImages.read
+  def read_then_die(self, begin, end):
+    if begin > 0:
+      raise KeyboardInterrupt("killed")
+    return read(self, begin, end)
+  patch = pytest.MonkeyPatch()
+  patch.setattr(run_lib.DatasetImages, "read", read_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    latent_cache.encode_split(config, "unused")
+  patch.undo()
+  interrupted = os.path.exists(directory + ".partial") and not os.path.exists(directory)
+  with pytest.raises(FileNotFoundError, match=r"config\.latent\.cache=.* is not a complete latent cache"):
+    latent_cache.read_manifest(directory)
+  assert latent_cache.encode_split(config, "unused") == directory
+  return directory, config, interrupted
+
+
+def test_cache_holds_the_encoders_posteriors_and_draws_match_its_statistics(cache):
+  directory, config, interrupted = cache
+  assert interrupted  # Only the .partial directory was left, and it was not read as a cache.
+  assert not os.path.exists(directory + ".partial")
+  manifest = latent_cache.read_manifest(directory)
+  assert manifest["count"] == 40 and manifest["flipped"] and manifest["latent_shape"] == [4, 4, 4]
+  source = latent_cache.CacheSource(directory, manifest)
+  assert len(source) == 40
+  module, params, _ = pretrained.load_autoencoder(config.latent.autoencoder)
+  images, labels = run_lib.DatasetImages(config.data).read(0, 40)
+  x = jnp.asarray(images / 127.5 - 1.0, jnp.float32)
+  for key, view in (("moments", x), ("flipped", x[:, :, ::-1])):
+    q = module.apply({"params": params}, view, method=module.encode)
+    cached = np.stack([source[i][key] for i in range(40)])
+    np.testing.assert_allclose(cached, np.concatenate([q.mean, q.logvar], -1), atol=1e-5)
+  assert [source[i]["label"] for i in range(40)] == labels.tolist()
+
+  # Draws from the cache have the encoder's posterior mean and std (4 images, 4000 draws each).
+  space = spaces.create_space(config, channels=1, scale_factor=1.0)
+  assert space.cached
+  moments = jnp.asarray(np.stack([source[i]["moments"] for i in range(4)]))
+  z = jax.vmap(lambda k: space.encode_batch(space.params, moments, k))(
+      jax.random.split(jax.random.key(0), 4000))
+  q = module.apply({"params": params}, x[:4], method=module.encode)
+  std = np.asarray(q.std)
+  assert np.all(np.abs(np.mean(z, axis=0) - q.mean) < 5 * std / np.sqrt(4000))
+  np.testing.assert_allclose(np.std(z, axis=0), std, rtol=0.1)
+  # The same key draws the same latents from the cache as from the images.
+  np.testing.assert_allclose(space.encode_batch(space.params, moments, jax.random.key(1)),
+                             space.encode(space.params, x[:4], jax.random.key(1)), atol=1e-5)
+
+
+def test_training_reads_the_cache_and_refuses_another_configs(cache, ae_dir, tmp_path):
+  directory, config, _ = cache
+  config = config.copy_and_resolve_references()
+  config.data.random_flip = False  # The cache's mirrored posteriors are then not read.
+  state = train_lib.train(config, str(tmp_path / "run"))
+  assert int(state.step) == 2 and state.params["conv_in"]["kernel"].shape[2] == 4
+  # The scale factor from the cached posteriors: the one from encoding the same batches' images.
+  data = train_lib.input_pipeline.create_numpy_iterator(config.data, global_batch_size=16, seed=0)
+  space = spaces.create_space(latent_config(ae_dir), channels=1, scale_factor=1.0)
+  z = np.concatenate([np.asarray(space.encode(space.params, jnp.asarray(next(data)["image"]),
+                                              jax.random.key(i))).ravel() for i in range(2)])
+  saved = checkpoints.restore_config(str(tmp_path / "run")).latent.scale_factor
+  assert saved == pytest.approx(1.0 / z.std(), rel=1e-4)
+
+  manifest = latent_cache.read_manifest(directory)
+  check = lambda **kv: latent_cache.check_manifest(
+      manifest, latent_config(ae_dir, **{"data.split": "train[:40]", **kv}), autoencoder_step=None,
+      cache=directory)
+  check()
+  for key, value in (("data.image_size", 32), ("data.split", "train[:41]"), ("data.resize", "resize")):
+    with pytest.raises(ValueError, match=rf"was encoded with config\.{key}=.* but this run has"):
+      check(**{key: value})
+  other = save_autoencoder(str(tmp_path / "other_vae"), seed=1)
+  with pytest.raises(ValueError, match=r"config\.latent\.autoencoder=.*vae', but this run has .*other_vae"):
+    check(**{"latent.autoencoder": other})
+  # encode never overwrites a cache made for another config.
+  with pytest.raises(ValueError, match=r"config\.data\.image_size=16, but this run has 32"):
+    latent_cache.encode_split(latent_config(ae_dir, **{"data.split": "train[:40]", "data.image_size": 32,
+                                                       "latent.cache": directory}), "unused")
+  assert latent_cache.read_manifest(directory) == manifest
+  unflipped = {**manifest, "flipped": False}
+  with pytest.raises(ValueError, match=r"config\.data\.random_flip=True but config\.latent\.cache="):
+    latent_cache.check_manifest(unflipped, latent_config(ae_dir, **{
+        "data.split": "train[:40]", "data.random_flip": True}), autoencoder_step=None, cache=directory)
+  with pytest.raises(ValueError, match=r"config\.latent\.cache=.* needs config\.latent\.autoencoder"):
+    config_check.validate_latent(latent_config(None, **{"latent.cache": directory}))
+
+
+def test_sampling_with_a_moved_or_replaced_autoencoder(latent_run, ae_dir, tmp_path):
+  workdir, _ = latent_run
+  moved = str(tmp_path / "moved_vae")
+  os.rename(ae_dir, moved)
+  try:  # --mode=sample's combination of the run's config with the command line's.
+    for_run = lambda config: spaces.space_for_run(run_lib.with_command_line(
+        checkpoints.restore_config(workdir), config, sections=("sample",)), (4, 4, 4))
+    with pytest.raises(ValueError, match=r"config\.latent\.autoencoder=.*vae' is not an autoencoder"):
+      for_run(latent_config(None))  # The run's own path, gone.
+    space = for_run(latent_config(moved))
+    assert space.path == moved  # The run's scale factor, not the autoencoder's own 1.0:
+    assert space.scale_factor == checkpoints.restore_config(workdir).latent.scale_factor != 1.0
+    assert space.decode(space.params, jnp.zeros((1, 4, 4, 4))).shape == (1, 16, 16, 1)
+  finally:
+    os.rename(moved, ae_dir)
+  for name, kwargs, message in (
+      ("three", {"latent_channels": 3}, r"built for 4 latent channels but config\.latent\.autoencoder="),
+      ("factor2", {"ch_mult": [1, 2]}, r"built for 4x4 latents of config\.data\.image_size=16 but "
+                                       r"config\.latent\.autoencoder=.*factor2' downsamples 2x")):
+    other = save_autoencoder(str(tmp_path / name), **kwargs)
+    with pytest.raises(ValueError, match=message):
+      sample_lib.sample(latent_config(other), workdir)

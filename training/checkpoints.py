@@ -39,6 +39,7 @@ RESUMABLE_KEYS = frozenset({
     "latent.scale_batches",  # Only estimates the scale factor, which is itself saved.
     "distill.weighting",  # Where a student's training spends its effort, as loss_weighting.
     "lora.load", "lora.scale",  # A file merged at sampling time, not part of the trained state.
+    "latent.cache",  # The same posteriors, encoded once rather than every step.
 })
 # Besides these sections: the optimizer state's structure (clipping adds a stage to optax's chain)
 # and the image shape the model was built for.

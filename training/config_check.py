@@ -354,6 +354,15 @@ def validate_latent(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.diffusion.inpaint_training, bool),
            f"config.diffusion.inpaint_training={config.diffusion.inpaint_training!r} is not one of "
            "False, True.")
+  cache = latent.get("cache")
+  if cache is not None:
+    _require(isinstance(cache, str) and cache, f"config.latent.cache={cache!r} must be a directory or "
+             "None.")
+    _require(latent.autoencoder is not None, f"config.latent.cache={cache!r} needs "
+             "config.latent.autoencoder, the autoencoder whose posteriors it holds.")
+    _require(not config.diffusion.inpaint_training, f"config.latent.cache={cache!r} holds no images, "
+             "which config.diffusion.inpaint_training=True masks and encodes; pass "
+             "--config.latent.cache=None.")
 
 
 def validate_lora(lora: ml_collections.ConfigDict, *, model_name: str) -> None:
@@ -389,8 +398,11 @@ def validate_lora(lora: ml_collections.ConfigDict, *, model_name: str) -> None:
 
 def validate_autoencoder(config: ml_collections.ConfigDict, *, latent_channels: int, factor: int,
                          out_channels: int, data_channels: int | None = None,
-                         model_channels: int | None = None) -> None:
-  """The autoencoder of config.latent.autoencoder against the data and the diffusion model."""
+                         model_channels: int | None = None, model_size: int | None = None) -> None:
+  """The autoencoder of config.latent.autoencoder against the data and the diffusion model.
+
+  model_channels, model_size: the latent channels and side a trained diffusion model was built for.
+  """
   path, size = config.latent.autoencoder, config.data.image_size
   _require(size % factor == 0, f"config.data.image_size={size} is not divisible by {factor}, the "
            f"downsampling factor of config.latent.autoencoder={path!r}.")
@@ -401,6 +413,10 @@ def validate_autoencoder(config: ml_collections.ConfigDict, *, latent_channels: 
            f"The diffusion model was built for {model_channels} latent channels but "
            f"config.latent.autoencoder={path!r} has {latent_channels}; use the autoencoder it was "
            "trained with.")
+  _require(model_size is None or model_size * factor == size,
+           f"The diffusion model was built for {model_size}x{model_size} latents of "
+           f"config.data.image_size={size} but config.latent.autoencoder={path!r} downsamples "
+           f"{factor}x; use an autoencoder of the run's factor.")
   if config.model.name == "unet":
     levels = len(config.model.unet.ch_mult) - 1
     _require((size // factor) % 2**levels == 0,

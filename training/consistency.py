@@ -188,7 +188,7 @@ def consistency_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
   step = functools.partial(
       train_step, model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
       hparams=ConsistencyHParams.from_config(config), num_classes=config.model.num_classes,
-      ema_decay=config.optim.ema_decay, rng=rng, encode=space.encode if space is not None else None,
+      ema_decay=config.optim.ema_decay, rng=rng, encode=space.encode_batch if space is not None else None,
       condition=spaces.make_condition(config, space) if space is not None else None, teacher=teacher)
   visualise = tasks.sample_grids(config, model=model, schedule=schedule, mesh=mesh,
                                 image_shape=image_shape, space=space)

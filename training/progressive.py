@@ -215,7 +215,7 @@ def progressive_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
       teacher_prediction=teacher_prediction, teacher_clip_x0=teacher_clip,
       weighting=config.distill.weighting, p_uncond=config.diffusion.p_uncond,
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
-      encode=space.encode, condition=spaces.make_condition(config, space))
+      encode=space.encode_batch, condition=spaces.make_condition(config, space))
   return tasks.Task(init_state=init_state, train_step=step, constants=constants,
                     metric_names=("loss", "grad_norm"), visualise=visualise, image_tag="samples",
                     png_prefix="train_step_")

@@ -56,7 +56,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     params = lora.merge_file(os.path.expanduser(config.lora.load), {"unet": params},
                              scale=config.lora.scale)["unet"]
   # The checkpoint's own model, schedule and space; the sampling settings of the command line.
-  trained.sample = ml_collections.ConfigDict(config.sample.to_dict())
+  trained = run_lib.with_command_line(trained, config, sections=("sample",))
   image_shape = run_lib.image_shape(workdir, step)
   space = spaces.space_for_run(trained, image_shape)
   image = mask = None

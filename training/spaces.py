@@ -4,6 +4,8 @@ Latent diffusion (Rombach et al. 2022, Sec. 3-4) trains the same diffusion model
 samples x = D(z / s). Here that is a pair of functions at the edges: the train step receives
 `encode(frozen, images, rng)`, the sampler `decode(frozen, x0)`; everything between them (losses,
 samplers, guidance, inpainting) sees arrays of `space.shape` and does not know which space it is in.
+The train step encodes with `encode_batch`: the same as `encode`, except that with a latent cache
+(config.latent.cache, training/latent_cache.py) a batch holds posterior moments instead of images.
 `frozen` is the space's fixed parameters (the autoencoder's; {} for pixels), passed to the compiled
 programs as an argument rather than baked into them as constants.
 """
@@ -22,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from diffusion import inpaint
+from models import autoencoder as autoencoder_lib
 from models import pretrained
 from training import config_check
 
@@ -46,6 +49,9 @@ class PixelSpace:
     del frozen, rng
     return images
 
+  def encode_batch(self, frozen: Any, images: Array, rng: Array | None = None) -> Array:
+    return self.encode(frozen, images, rng)
+
   def decode(self, frozen: Any, x0: Array) -> Array:
     del frozen
     return x0
@@ -57,7 +63,8 @@ class LatentSpace:
 
   Training encodes with a posterior sample (rng given; as latent diffusion's get_first_stage_encoding),
   the known region of an inpainting and the masked image of an inpainting model with the mode (rng
-  None), which is deterministic.
+  None), which is deterministic. cached: training batches hold the posterior moments [mean, logvar]
+  of a latent cache rather than images; encode_batch draws from them without the encoder.
   """
 
   data_shape: tuple[int, int, int]
@@ -65,6 +72,7 @@ class LatentSpace:
   params: Any
   scale_factor: float
   path: str
+  cached: bool = False
   bounded: bool = False  # Latents are not confined to [-1, 1]: x0 is never clipped in latent space.
 
   @property
@@ -83,8 +91,18 @@ class LatentSpace:
   def encode(self, frozen: Any, images: Array, rng: Array | None = None) -> Array:
     ae = self.autoencoder
     posterior = ae.apply({"params": frozen}, images, method=ae.encode)
-    z = posterior.mode() if rng is None else posterior.sample(rng)
-    return (z * self.scale_factor).astype(images.dtype)
+    return self._draw(posterior, rng).astype(images.dtype)
+
+  def encode_batch(self, frozen: Any, inputs: Array, rng: Array | None = None) -> Array:
+    """x0 of a training batch's "image": encoded images, or a draw from its cached moments."""
+    if not self.cached:
+      return self.encode(frozen, inputs, rng)
+    posterior = autoencoder_lib.DiagonalGaussian.from_moments(inputs)
+    return self._draw(posterior, rng).astype(inputs.dtype)
+
+  def _draw(self, posterior: autoencoder_lib.DiagonalGaussian, rng: Array | None) -> Array:
+    """scale_factor times a sample of the posterior (its mode where rng is None)."""
+    return (posterior.mode() if rng is None else posterior.sample(rng)) * self.scale_factor
 
   def decode(self, frozen: Any, x0: Array) -> Array:
     ae = self.autoencoder
@@ -122,7 +140,8 @@ def create_space(config: ml_collections.ConfigDict, *, channels: int,
                                     data_channels=channels)
   scale = scale_factor if scale_factor is not None else config.latent.scale_factor
   return LatentSpace(data_shape=data_shape, autoencoder=module, params=jax.device_put(params),
-                     scale_factor=float(scale or 1.0), path=config.latent.autoencoder)
+                     scale_factor=float(scale or 1.0), path=config.latent.autoencoder,
+                     cached=config.latent.get("cache") is not None)
 
 
 def space_for_run(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> Space:
@@ -135,17 +154,18 @@ def space_for_run(config: ml_collections.ConfigDict, image_shape: tuple[int, ...
   module, params = load_autoencoder(config.latent.autoencoder)
   config_check.validate_autoencoder(config, latent_channels=module.latent_channels,
                                     factor=module.downsampling_factor, out_channels=module.out_channels,
-                                    model_channels=image_shape[-1])
+                                    model_channels=image_shape[-1], model_size=image_shape[0])
   return create_space(config, channels=module.out_channels, autoencoder=(module, params))
 
 
 def estimate_scale_factor(space: LatentSpace, batches) -> float:
-  """1 / std of the posterior samples of the given image batches (Rombach et al. 2022, Sec. 4.3.2).
+  """1 / std of the posterior samples of the given batches (Rombach et al. 2022, Sec. 4.3.2).
 
+  A batch is what the train step encodes: images, or the moments of a latent cache.
   space must have scale_factor 1. Each batch is encoded with its own key, fixed, so the estimate is
   the same on every process and every start.
   """
-  encode = jax.jit(space.encode)
+  encode = jax.jit(space.encode_batch)
   total, total_sq, count = 0.0, 0.0, 0
   for i, images in enumerate(batches):
     z = np.asarray(jax.device_get(encode(space.params, images, jax.random.key(i))), np.float64)

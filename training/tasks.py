@@ -67,7 +67,7 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   schedule = train_lib.create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
   init_state = _base_init(config, model=model, tx=tx, image_shape=image_shape)
-  encode = space.encode if space is not None else None
+  encode = space.encode_batch if space is not None else None
   condition = spaces.make_condition(config, space) if space is not None else None
   params_fn = None
   adapters = lora.Settings.from_config(config.lora) if config.lora.rank else None
@@ -273,13 +273,11 @@ def reconstruct(config: ml_collections.ConfigDict, workdir: str) -> str:
   return path
 
 
-def refuse_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
-  del workdir
-  raise ValueError(
-      f"config.model.name={config.model.name!r}: --mode=eval computes FID/IS of a diffusion model's "
-      "samples. For an autoencoder, --mode=sample reconstructs config.sample.num images of "
-      "config.data.holdout_split and reports their PSNR.")
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """--mode=eval of an autoencoder run: PSNR, rFID and LPIPS of held-out reconstructions."""
+  from evaluation import autoencoder_eval  # pylint: disable=g-import-not-at-top
+  return autoencoder_eval.evaluate_autoencoder(config, workdir)
 
 
 # main.py's modes that differ for an autoencoder run.
-AUTOENCODER_MODES = {"sample": reconstruct, "eval": refuse_eval}
+AUTOENCODER_MODES = {"sample": reconstruct, "eval": evaluate}

@@ -18,6 +18,7 @@ import models
 from diffusion import schedules
 from training import checkpoints
 from training import config_check
+from training import latent_cache
 from training import progressive
 from training import sharding
 from training import spaces
@@ -110,8 +111,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   checkpoints.check_workdir(workdir)
   mesh = create_mesh(config.mesh)
   logging.info("Mesh: data %d x fsdp %d.", mesh.shape[sharding.DATA], mesh.shape[sharding.FSDP])
-  data = input_pipeline.create_dataset(config.data, global_batch_size=config.training.batch_size,
-                                       seed=config.seed, mesh=mesh)
+  # Images, or with config.latent.cache their posteriors, encoded once (--mode=encode).
+  data = latent_cache.create_dataset(config, global_batch_size=config.training.batch_size,
+                                     seed=config.seed, mesh=mesh)
   try:
     config_check.validate_against_data(config, num_classes=data.num_classes)
     config, space = _create_space(config, workdir, data=data, autoencoder=autoencoder)
