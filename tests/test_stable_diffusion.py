@@ -20,6 +20,7 @@ from configs import default as default_config
 from configs import stable_diffusion
 from diffusion import grids
 from diffusion import schedules
+from models import autoencoder
 from tests import test_autoencoder
 from tests import test_clip
 from tests import test_sd_unet
@@ -31,7 +32,9 @@ from training import text as text_lib
 from training import train as train_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import convert_clip  # pylint: disable=g-import-not-at-top,wrong-import-position
 import convert_diffusers_unet  # pylint: disable=g-import-not-at-top,wrong-import-position
+import convert_diffusers_vae  # pylint: disable=g-import-not-at-top,wrong-import-position
 import convert_stable_diffusion  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The scheduler_config.json of SD 1.5 (a PNDMScheduler's, read by DDIM alike) and of SD 2.1.
@@ -86,39 +89,69 @@ def test_scheduler_values_it_cannot_map_are_refused_by_name():
     grids.scheduler_grid("trailing", _schedule(SD15_SCHEDULER), 10, steps_offset=1)
 
 
-def _unet_folder(directory, *, seed=0):
-  """unet/: random SDUNet params under diffusers' names, laid out as torch lays them out."""
-  kwargs = convert_diffusers_unet.module_kwargs(
-      dict(UNET, sample_size=8, block_out_channels=list(UNET["block_out_channels"])))
-  shapes = convert_diffusers_unet.parameter_shapes(kwargs)
-  rng = np.random.default_rng(seed)
-  weights = {}
-  for ours, theirs, kind in convert_diffusers_unet.name_table(kwargs, shapes):
-    shape = shapes[ours]
-    scale = 1.0 / np.sqrt(np.prod(shape[:-1])) if ours.endswith("kernel") else 0.1
-    value = rng.normal(size=shape) * scale + ours.endswith("scale")
-    if kind == "conv" and value.ndim == 4:
-      value = np.transpose(value, (3, 2, 0, 1))
-    elif kind == "dense" and value.ndim == 2:
-      value = value.T
-    weights[theirs] = np.ascontiguousarray(value, np.float32)
+def _torch_layout(value, kind):
+  """Our kernel as torch holds it: conv [kh, kw, in, out] -> [out, in, kh, kw], dense [in, out] -> [out, in]."""
+  if kind == "conv" and value.ndim == 4:
+    return np.transpose(value, (3, 2, 0, 1))
+  return value.T if kind == "dense" and value.ndim == 2 else value
+
+
+def _random_leaf(rng, path, shape):
+  """Kernels N(0, 1 / fan_in), norm scales near 1, small biases and embeddings."""
+  scale = 1.0 / np.sqrt(np.prod(shape[:-1])) if path.endswith("kernel") else 0.1
+  return rng.normal(size=shape) * scale + path.endswith("scale")
+
+
+def _save_component(directory, weights, config, weights_name):
   os.makedirs(directory)
-  save_file(weights, os.path.join(directory, convert_diffusers_unet.WEIGHTS))
-  config = dict(UNET, _class_name="UNet2DConditionModel", sample_size=8)
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in weights.items()},
+            os.path.join(directory, weights_name))
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)
 
 
-def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True):
-  """A diffusers-format SD folder of tiny random components (16 px images, 8x8x4 latents)."""
+def _flat_shapes(module, *args):
+  shapes = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+  return {"/".join(k.key for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True, seed=0):
+  """A diffusers-format SD folder of tiny random components (16 px images, 8x8x4 latents), torch's
+  layout and names written with numpy (the converters' name tables read backwards)."""
+  rng = np.random.default_rng(seed)
   os.makedirs(folder)
   with open(os.path.join(folder, "model_index.json"), "w") as f:
     json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
-  _unet_folder(os.path.join(folder, "unet"))
-  test_autoencoder._diffusers_files(os.path.join(folder, "vae"), VAE)  # pylint: disable=protected-access
-  params = test_clip._random_params(test_clip.clip.CLIPTextTransformer(**TEXT))  # pylint: disable=protected-access
-  test_clip._text_encoder_folder(os.path.join(folder, "text_encoder"), params, hub_prefix=hub_prefix,  # pylint: disable=protected-access
-                                 **{k: TEXT[k] for k in ("vocab_size", "max_position_embeddings")})
+  # unet/: the table lists every parameter with diffusers' full key.
+  unet_config = dict(UNET, _class_name="UNet2DConditionModel", sample_size=8)
+  kwargs = convert_diffusers_unet.module_kwargs(unet_config)
+  shapes = convert_diffusers_unet.parameter_shapes(kwargs)
+  weights = {theirs: _torch_layout(_random_leaf(rng, ours, shapes[ours]), kind)
+             for ours, theirs, kind in convert_diffusers_unet.name_table(kwargs, shapes)}
+  _save_component(os.path.join(folder, "unet"), weights, unet_config, convert_diffusers_unet.WEIGHTS)
+  # vae/ and text_encoder/: the tables list modules; their leaves are kernel/embedding/scale and bias.
+  leaf_names = {"conv": ("kernel", "bias"), "dense": ("kernel", "bias"), "norm": ("scale", "bias"),
+                "embed": ("embedding",)}
+  torch_names = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+  def module_weights(table, shapes):
+    return {f"{theirs}.{torch_names[leaf]}": _torch_layout(
+        _random_leaf(rng, f"{ours}/{leaf}", shapes[f"{ours}/{leaf}"]), kind)
+            for ours, theirs, kind in table for leaf in leaf_names[kind]}
+
+  vae_config = test_autoencoder._diffusers_config(VAE)  # pylint: disable=protected-access
+  vae_kwargs = convert_diffusers_vae.module_kwargs(vae_config)
+  vae_shapes = _flat_shapes(autoencoder.AutoencoderKL(**vae_kwargs), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))
+  _save_component(os.path.join(folder, "vae"), module_weights(convert_diffusers_vae.name_table(vae_kwargs), vae_shapes),
+                  vae_config, convert_diffusers_vae.WEIGHTS)
+  text_config = dict(TEXT, model_type="clip_text_model", hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                     bos_token_id=0, eos_token_id=2, pad_token_id=1)
+  text_kwargs = convert_clip.module_kwargs(text_config)
+  weights = module_weights(convert_clip.name_table(text_kwargs), convert_clip.expected_shapes(text_kwargs))
+  if hub_prefix:  # The hub's layout; transformers 5's save_pretrained writes the keys without it.
+    weights = {"text_model." + k: v for k, v in weights.items()}
+  _save_component(os.path.join(folder, "text_encoder"), weights, text_config, "model.safetensors")
   test_clip._tokenizer_folder(os.path.join(folder, "tokenizer"), pad="<|endoftext|>")  # pylint: disable=protected-access
   os.makedirs(os.path.join(folder, "scheduler"))
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
@@ -191,19 +224,19 @@ def test_prompt_seed_and_scale_do_not_recompile_and_scale_0_is_the_negative_prom
                                          space=spaces.space_for_run(trained, image_shape))
 
   def draw(prompt, *, negative="", scale, seed=0):
-    cond, null = sample_lib.prompt_conditioning(encoder, [prompt], negative_prompt=negative, num=2)
+    cond, null = encoder.prompt_cond([prompt], negative_prompt=negative, num=2)
     return sampler.sample(params, seed=seed, num=2, cond=cond, null=null, guidance_scale=scale)[0]
 
   a = draw("hello", scale=7.5)
   b = draw("world", negative="hello world", scale=3.0, seed=1)
   assert sampler._sample_batch._cache_size() == 1  # pylint: disable=protected-access
   assert not np.array_equal(a, b)
-  # w = 0 is the unconditional half alone: the negative prompt's conditional sample (a second program,
-  # without the unconditional half, at w = 1).
+  # w = 0 is the unconditional half alone, the negative prompt's; with the negative prompt equal to
+  # the prompt, any w gives that prompt's conditional sample.
   negative = draw("hello", negative="world", scale=0.0)
-  plain = draw("world", scale=1.0)
-  assert sampler._sample_batch._cache_size() == 2  # pylint: disable=protected-access
-  assert np.abs(negative.astype(int) - plain.astype(int)).max() <= 1
+  same = draw("world", negative="world", scale=7.5)
+  assert sampler._sample_batch._cache_size() == 1  # pylint: disable=protected-access
+  assert np.abs(negative.astype(int) - same.astype(int)).max() <= 1
   assert np.abs(negative.astype(int) - a.astype(int)).max() > 1
 
 

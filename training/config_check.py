@@ -6,7 +6,6 @@ import os
 
 import ml_collections
 
-import input_pipeline
 import models
 from diffusion import grids
 from diffusion import losses
@@ -396,6 +395,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   latent_factor: the downsampling of config.latent.autoencoder (1 in pixel space); the model is
   checked at the size it sees, config.data.image_size // latent_factor.
   """
+  # Imported here: sampling imports this module, and needs no data readers.
+  import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.validate_data_config(config.data, global_batch_size=config.training.batch_size,
                                       process_count=process_count)
   validate_latent(config)

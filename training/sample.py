@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import time
-from typing import Sequence
 
 import jax
 import ml_collections
@@ -111,7 +110,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   cond = null = None
   if text_encoder is not None:
     prompts = prompts or [""]
-    cond, null = prompt_conditioning(text_encoder, prompts, negative_prompt=s.negative_prompt, num=s.num)
+    cond, null = text_encoder.prompt_cond(prompts, negative_prompt=s.negative_prompt, num=s.num)
   images, labels = sampler.sample(params, seed=s.seed, num=s.num, image=image, mask=mask, cond=cond,
                                   null=null)
   seconds = time.perf_counter() - start
@@ -141,15 +140,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   logging.info("Drew %d images with %s, %d steps, in %.1f s: %s.{npz,png}", len(images), o.sampler,
                o.steps, seconds, path)
   return path
-
-
-def prompt_conditioning(encoder: text_lib.TextEncoder, prompts: Sequence[str], *, negative_prompt: str,
-                        num: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """(cond {"context": [num, T, D]}, image i's from prompts[i % len(prompts)]; null {"context": [T, D]},
-  the negative prompt's: guidance's unconditional half) for generate.Sampler.sample."""
-  ids = encoder.tokenize(list(prompts) + [negative_prompt])
-  context = np.asarray(jax.device_get(jax.jit(encoder.encode)(encoder.params, ids)))
-  return {"context": context[np.arange(num) % len(prompts)]}, {"context": context[-1]}
 
 
 def png_metadata(settings: dict) -> dict[str, str]:
