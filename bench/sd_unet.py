@@ -10,6 +10,12 @@ table, writes bench/results/<device>-<date>-sd_unet.json. The same command runs 
 
   python bench/sd_unet.py [--batch_sizes 1,2] [--dtypes float32,bfloat16] [--steps 3] [--size 64]
                           [--peer --peer_python /path/to/venv/bin/python] [--quick] [--out PATH]
+
+With --meshes 8x1,2x4 (data x fsdp; on a CPU the devices are forced host devices) it instead compiles,
+without running, one guided DDIM step (the UNet on the doubled batch, parameters laid out by
+training/sharding.py's rule) and one train step (loss, Adam, EMA: training/train_step.py) at global batch
+--batch_sizes[0] per mesh, and reports XLA's memory analysis per device; writes
+bench/results/<device>-<date>-sd_unet-meshes.json.
 """
 
 from __future__ import annotations
@@ -100,6 +106,93 @@ def run_ours(args, spec: dict[str, Any], batch: int, dtype: str, params: Any) ->
   return row
 
 
+def run_meshes(args, spec: dict[str, Any]) -> list[dict[str, Any]]:
+  """Per-device bytes of the compiled sampling and train steps on each --meshes mesh (compile only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
+  from diffusion import guidance  # pylint: disable=g-import-not-at-top
+  from diffusion import schedules  # pylint: disable=g-import-not-at-top
+  from models import sd_unet  # pylint: disable=g-import-not-at-top
+  from training import sharding  # pylint: disable=g-import-not-at-top
+  from training import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+
+  config = default_config.get_config()
+  batch = int(args.batch_sizes.split(",")[0])
+  model = sd_unet.SDUNet(**spec, dtype=jnp.dtype(args.dtypes.split(",")[0]), attention=args.attention)
+  schedule = schedules.create_schedule(schedule="scaled_linear", num_timesteps=1000, beta_start=0.00085,
+                                       beta_end=0.012, model_time="index_from_zero")
+  struct = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  dim = spec["cross_attention_dim"]
+  params = jax.eval_shape(model.init, jax.random.key(0), struct((1, 8, 8, 4)), struct((1,)),
+                          {"context": struct((1, 1, dim))})["params"]
+  tx, lr_fn = train_step_lib.create_optimizer(config.optim)
+  state = train_step_lib.TrainState(step=struct((), jnp.int32), params=params, ema_params=params,
+                                    opt_state=jax.eval_shape(tx.init, params))
+  step = train_step_lib.make_train_step(
+      model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
+      hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion), num_classes=0,
+      ema_decay=0.9999, rng=jax.random.key(0),
+      condition=lambda frozen, b, rng: {"context": b["context"]})
+  rows = []
+  for mesh_text in args.meshes.split(","):
+    data, fsdp = (int(n) for n in mesh_text.split("x"))
+    mesh_config = ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
+    mesh = sharding.create_mesh(mesh_config)
+    shardings = sharding.state_shardings(state, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+    placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+    batch_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+    on_batch = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    x = on_batch((batch, args.size, args.size, 4))
+    context = on_batch((batch, CONTEXT_LENGTH, dim))
+
+    def ddim_step(p, x, context, negative, scale):
+      denoise = guidance.make_denoise_fn(
+          lambda x, t, c: model.apply({"params": p}, x, t, c), schedule=schedule, prediction="eps",
+          cond={"context": context}, uncond={"context": negative}, guidance_scale=scale)
+      x0, eps = denoise(x, jnp.float32(0.5))
+      alpha, sigma = schedule.alpha_sigma(jnp.float32(0.48))
+      return alpha * x0 + sigma * eps
+
+    programs = {
+        "sample_step": jax.jit(ddim_step, out_shardings=batch_sharding).lower(
+            placed.ema_params, x, context, context, jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
+        "train_step": jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=0).lower(
+            placed, {"image": x, "context": context}, None),
+    }
+    for name, lowered in programs.items():
+      start = time.perf_counter()
+      compiled = lowered.compile()
+      memory = compiled.memory_analysis()
+      row = {"name": name, "mesh": f"{data}x{fsdp}", "batch": batch, "dtype": args.dtypes.split(",")[0],
+             "compile_s": time.perf_counter() - start,
+             "state_bytes_per_device": sharding.bytes_per_device(placed if name == "train_step"
+                                                                 else placed.ema_params)}
+      if memory is not None:
+        row.update({f"xla_{k}_bytes": int(getattr(memory, f"{k}_size_in_bytes"))
+                    for k in ("argument", "output", "temp", "alias")})
+      rows.append(row)
+      print(json.dumps(row))
+      del compiled
+      gc.collect()
+  return rows
+
+
+def print_mesh_table(rows: list[dict[str, Any]], title: str) -> None:
+  print(f"\n{title}")
+  header = f"{'program':12s} {'mesh':>5s} {'batch':>5s} {'args MiB':>9s} {'temp MiB':>9s} {'out MiB':>8s} {'alias MiB':>9s}"
+  print(header)
+  print("-" * len(header))
+  mib = lambda r, k: f"{r.get(f'xla_{k}_bytes', 0) / 2**20:9.0f}"
+  for r in rows:
+    print(f"{r['name']:12s} {r['mesh']:>5s} {r['batch']:5d} {mib(r, 'argument')} {mib(r, 'temp')} "
+          f"{mib(r, 'output')[1:]} {mib(r, 'alias')}")
+
+
 def run_peer(args, spec: dict[str, Any], batch: int, dtype: str) -> dict[str, Any]:
   """diffusers' UNet2DConditionModel, in --peer_python (a process per row); its JSON line."""
   cmd = [args.peer_python, os.path.abspath(__file__), "--serve_peer", "--batch", str(batch),
@@ -188,6 +281,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--quick", action="store_true", help="A small model at 16x16 latents (seconds).")
   parser.add_argument("--out", default=None,
                       help="JSON path (default bench/results/<device>-<date>-sd_unet.json).")
+  parser.add_argument("--meshes", default=None, help="data x fsdp meshes, e.g. 8x1,2x4: compile the "
+                      "sampling and train steps on each and report memory per device (nothing runs).")
   parser.add_argument("--serve_peer", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
   parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -204,6 +299,10 @@ def main(argv=None) -> None:
   if args.serve_peer:
     serve_peer(args)
     return
+  if args.meshes and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    sizes = [math.prod(int(n) for n in m.split("x")) for m in args.meshes.split(",")]
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={max(sizes)}").strip()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -223,6 +322,12 @@ def main(argv=None) -> None:
       raise SystemExit("--peer needs a Python with torch and diffusers: --peer_python or $PEER_PYTHON.")
   results = {"bench": "sd_unet", "args": vars(args), "model": spec, "device": bench_train.device_info()}
   print(json.dumps(results["device"]))
+  if args.meshes:
+    results["rows"] = run_meshes(args, spec)
+    print_mesh_table(results["rows"], f"SD UNet ({args.size}x{args.size}x4 latents), bytes per device, "
+                     f"{results['device']['device_kind']}")
+    print(f"wrote {bench_train.write_json(results, 'sd_unet-meshes', args.out)}")
+    return
 
   model = sd_unet.SDUNet(**spec)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_classes = 0  # Class-conditional if > 0; label num_classes is the "null" class.
   model.dtype = "float32"  # Compute dtype, "float32" or "bfloat16" (params, optimizer state, EMA and loss stay float32).
   model.attention = "xla"  # jax.nn.dot_product_attention implementation: None (jax picks), "xla" or "cudnn" (GPU, bfloat16).
+  model.pretrained = ml_collections.config_dict.placeholder(str)  # Converted UNet directory (scripts/convert_stable_diffusion.py writes WORKDIR/unet): training starts from its weights (params and EMA) at step 0; --mode=sample uses them when the workdir has no checkpoint. None = random init.
   model.remat = False  # Rematerialise each residual or transformer block in the backward pass (less memory, ~1/3 more compute).
 
   model.unet = unet = ml_collections.ConfigDict()  # models/unet.py; the defaults are Ho et al. 2020's CIFAR-10 UNet.
@@ -68,10 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.process = "vp"  # Forward process: "vp" (config.diffusion.schedule), "edm" (Karras et al. 2022, sigma_min..sigma_max) or "flow" (x_t = (1 - t) x0 + t eps); edm and flow need num_timesteps=0.
-  diffusion.schedule = "linear"  # "vp" process: "linear" (DDPM betas) or "cosine" (Nichol & Dhariwal 2021).
+  diffusion.schedule = "linear"  # "vp" process: "linear" (DDPM betas), "scaled_linear" (Stable Diffusion: sqrt(beta) linear; discrete only) or "cosine" (Nichol & Dhariwal 2021).
   diffusion.num_timesteps = 1000  # Discrete DDPM steps T; 0 trains in continuous time.
-  diffusion.beta_start = 1e-4  # Linear schedule: first beta.
-  diffusion.beta_end = 0.02  # Linear schedule: last beta.
+  diffusion.beta_start = 1e-4  # Linear and scaled_linear schedules: first beta (SD: 0.00085).
+  diffusion.beta_end = 0.02  # Linear and scaled_linear schedules: last beta (SD: 0.012).
   diffusion.zero_terminal_snr = False  # Rescale so that SNR(t=1) = 0 (Lin et al. 2023); use with v.
   diffusion.sigma_min = 0.002  # "edm" process: Karras's sigma = sigma_t / alpha_t at t_min (> 0, < sigma_max).
   diffusion.sigma_max = 80.0  # "edm" process: sigma at t = 1.
@@ -187,6 +188,11 @@ def get_config() -> ml_collections.ConfigDict:
   sample.num = 64  # Images drawn (grid during training; total in --mode=sample).
   sample.seed = 0  # Seed of the starting noise.
   sample.batch_size = 64  # Global batch of one sampling call.
+  sample.steps_offset = 0  # Added to the "leading" grid's step indices (a diffusers scheduler's steps_offset; SD: 1).
+  sample.set_alpha_to_one = True  # False: the last step ends at alphas_cumprod[0] (t = 1/T), as diffusers' DDIM with set_alpha_to_one=False (SD); True: at the data.
+  sample.prompt = ml_collections.config_dict.placeholder(str)  # --mode=sample of a text-conditional model (config.text.encoder): every image from this prompt.
+  sample.prompts_file = ml_collections.config_dict.placeholder(str)  # Text file, one prompt per line; image i gets line i % lines. Replaces prompt.
+  sample.negative_prompt = ""  # The unconditional half of classifier-free guidance for text models ("" = the empty prompt).
   sample.image = ml_collections.config_dict.placeholder(str)  # --mode=sample: inpaint this PNG (config.data.image_size square, the data's channels); needs sample.mask.
   sample.mask = ml_collections.config_dict.placeholder(str)  # PNG of the same size, values 0/255: white (255) = keep, black (0) = fill.
 

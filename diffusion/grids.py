@@ -127,6 +127,25 @@ def make_grid(name: str, schedule: schedules.Schedule, steps: int, **options) ->
   return GRIDS[name](schedule=schedule, steps=steps, **options)
 
 
+def scheduler_grid(name: str, schedule: schedules.Schedule, steps: int, *, steps_offset: int = 0,
+                   set_alpha_to_one: bool = True) -> Array:
+  """The grid of diffusers' DDIMScheduler.set_timesteps with a checkpoint's scheduler_config.json.
+
+  steps_offset shifts the "leading" indices only (as diffusers does); set_alpha_to_one=False ends the
+  last step at alphas_cumprod[0], our t = 1 / T, instead of at the data (t = 0; alpha-bar 1).
+  """
+  if steps_offset and name != "leading":
+    raise ValueError(f"config.sample.steps_offset={steps_offset} shifts the 'leading' grid only, not "
+                     f"config.sample.grid={name!r}; set it to 0.")
+  t = make_grid(name, schedule, steps, **({"steps_offset": steps_offset} if steps_offset else {}))
+  if not set_alpha_to_one:
+    if schedule.num_timesteps <= 0:
+      raise ValueError("config.sample.set_alpha_to_one=False ends at the first step of a discrete "
+                       "schedule; it needs config.diffusion.num_timesteps > 0.")
+    t = t.at[-1].set(1.0 / schedule.num_timesteps)
+  return t
+
+
 def read_grid_file(path: str, *, steps: int) -> tuple[float, ...]:
   """The times of config.sample.grid_file, a JSON {"timesteps": [t_0, ..., t_N]} (scripts/optimize_grid.py).
 

@@ -121,6 +121,11 @@ def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.n
   return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
+def scaled_linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+  """Stable Diffusion's "scaled_linear" (Rombach et al. 2022): sqrt(beta) linear, beta_start to beta_end."""
+  return np.linspace(np.sqrt(beta_start), np.sqrt(beta_end), num_timesteps, dtype=np.float64) ** 2
+
+
 def cosine_alpha_bar(t: np.ndarray | Array, s: float = 0.008) -> np.ndarray | Array:
   """Nichol & Dhariwal 2021, Eq. 17: alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) pi / 2)."""
   xp = jnp if isinstance(t, jnp.ndarray) else np
@@ -288,7 +293,7 @@ def flow_schedule() -> Schedule:
   return Schedule(logsnr_fn, t_from_logsnr_fn, num_timesteps=0)
 
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "scaled_linear", "cosine")
 PROCESSES = ("vp", "edm", "flow")
 
 
@@ -320,7 +325,7 @@ def create_schedule(*, schedule: str, num_timesteps: int, beta_start: float = 1e
     raise ValueError(f"config.diffusion.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}.")
   if num_timesteps < 0:
     raise ValueError(f"config.diffusion.num_timesteps={num_timesteps} must be >= 0 (0 = continuous time).")
-  if schedule == "linear" and not 0 < beta_start < beta_end < 1:
+  if schedule in ("linear", "scaled_linear") and not 0 < beta_start < beta_end < 1:
     raise ValueError(f"config.diffusion.beta_start={beta_start} and beta_end={beta_end} must satisfy "
                      "0 < beta_start < beta_end < 1.")
   if model_time not in MODEL_TIMES:
@@ -328,9 +333,15 @@ def create_schedule(*, schedule: str, num_timesteps: int, beta_start: float = 1e
   if model_time == "index_from_zero" and num_timesteps <= 0:
     raise ValueError("config.diffusion.model_time='index_from_zero' numbers discrete steps; it needs "
                      f"config.diffusion.num_timesteps > 0, got {num_timesteps}.")
+  if schedule == "scaled_linear" and num_timesteps <= 0:
+    raise ValueError("config.diffusion.schedule='scaled_linear' is a discrete schedule; it needs "
+                     f"config.diffusion.num_timesteps > 0, got {num_timesteps}.")
   if num_timesteps > 0:
-    betas = (linear_betas(num_timesteps, beta_start, beta_end) if schedule == "linear"
-             else cosine_betas(num_timesteps))
+    if schedule == "cosine":
+      betas = cosine_betas(num_timesteps)
+    else:
+      beta_fn = linear_betas if schedule == "linear" else scaled_linear_betas
+      betas = beta_fn(num_timesteps, beta_start, beta_end)
     out = discrete_schedule(betas, zero_terminal_snr=zero_terminal_snr)
   elif schedule == "linear":
     out = continuous_linear(beta_start, beta_end, zero_terminal_snr=zero_terminal_snr)

@@ -48,6 +48,26 @@ def load(directory: str, *, kind: str) -> tuple[dict[str, Any], Any]:
   return description, jax.tree.map(np.asarray, params)
 
 
+def load_params_like(directory: str, like: Any, *, key: str = "config.model.pretrained") -> Any:
+  """The params of a converted model, checked to have like's tree and shapes (e.g. jax.eval_shape's).
+
+  key names the setting that gave directory in errors.
+  """
+  path = os.path.join(os.path.abspath(os.path.expanduser(directory)), "model.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{key}={directory!r} is not a converted model: {path} does not exist.")
+  with open(path) as f:
+    kind = json.load(f).get("kind")
+  _, params = load(directory, kind=kind)
+  got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+  if got != want:
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    raise ValueError(f"{key}={directory!r} does not fit config.model: {len(diff)} parameters differ, e.g. "
+                     + ", ".join(f"{k} {got.get(k)} there, {want.get(k)} here" for k in diff[:3]) + ".")
+  return params
+
+
 def load_autoencoder(directory: str) -> tuple[autoencoder.AutoencoderKL, Any, dict[str, Any]]:
   """(module, params, description) of a KL autoencoder: converted, or a workdir trained here.
 

@@ -77,7 +77,7 @@ def test_zero_terminal_snr(schedule_name):
 
 
 def test_bad_schedule_names_the_key():
-  with pytest.raises(ValueError, match=r"config\.diffusion\.schedule='sqrt' is not one of linear, cosine"):
+  with pytest.raises(ValueError, match=r"config\.diffusion\.schedule='sqrt' is not one of linear, scaled_linear, cosine"):
     schedules.create_schedule(schedule="sqrt", num_timesteps=1000)
   with pytest.raises(ValueError, match=r"config\.diffusion\.num_timesteps=-1"):
     schedules.create_schedule(schedule="linear", num_timesteps=-1)

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import input_pipeline
 import models
 from configs import tiny
+from models import pretrained
 from training import checkpoints
 from training import config_check
 from training import train as train_lib
@@ -54,6 +55,21 @@ def test_one_step_on_mock_cifar10(tmp_path):
   assert checkpoints.create_manager(str(tmp_path), read_only=True).all_steps() == [1]
   assert os.path.exists(tmp_path / "config.json")
   assert glob.glob(str(tmp_path / "train" / "events.out.tfevents.*"))
+
+
+def test_a_run_starts_from_config_model_pretrained(tmp_path):
+  config = tiny_config(**{"training.num_steps": 1, "training.checkpoint_every": 1})
+  shapes = train_lib.abstract_state(config, image_shape=(8, 8, 1), mesh=train_lib.create_mesh()).params
+  rng = np.random.default_rng(0)
+  weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  pretrained.save(str(tmp_path / "converted"), kind="unet", kwargs={}, params=weights)
+  with pytest.raises(ValueError, match=r"config\.model\.pretrained=.*does not fit config\.model: 1 parameters"):
+    pretrained.load_params_like(str(tmp_path / "converted"), {**shapes, "extra": shapes["conv_in"]["bias"]})
+  config.model.pretrained = str(tmp_path / "converted")
+  state = train_lib.train(config, str(tmp_path / "run"))
+  # One Adam step of at most lr = 1e-4 per weight from the converted weights; the EMA (0.9) a tenth of it.
+  ema = jax.tree.map(lambda e, w: float(np.max(np.abs(np.asarray(e) - w))), jax.device_get(state.ema_params), weights)
+  assert 0 < max(jax.tree.leaves(ema)) <= 2e-5
 
 
 def test_digits_run_writes_checkpoints_events_and_sample_grids(tmp_path):

@@ -32,7 +32,8 @@ from configs import default as default_config
 STATE_SECTIONS = ("model", "diffusion", "latent", "distill", "lora")
 # ...except these, which change how the same function is computed or trained, not the state.
 RESUMABLE_KEYS = frozenset({
-    "model.remat", "model.attention", "model.dtype",  # Parameters stay float32 whatever the compute dtype.
+    "model.remat", "model.attention", "model.dtype",
+    "model.pretrained",  # Only where a new run starts from.  # Parameters stay float32 whatever the compute dtype.
     "diffusion.loss_weighting", "diffusion.min_snr_gamma", "diffusion.p_uncond",
     "diffusion.time_sampling", "diffusion.p_mean", "diffusion.p_std", "diffusion.logit_mean",
     "diffusion.logit_std",  # Where training spends its effort, not what the network computes.

@@ -8,7 +8,6 @@ import re
 
 import ml_collections
 
-import input_pipeline
 import models
 from diffusion import consistency
 from diffusion import distillation
@@ -172,10 +171,13 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
   _require(not (diffusion.process == "flow" and diffusion.prediction == "eps"),
            "config.diffusion.process='flow' reaches SNR 0 at t = 1, where eps prediction cannot recover "
            "x0; use config.diffusion.prediction='velocity' (flow matching), 'v' or 'x0'.")
-  if diffusion.process == "vp" and diffusion.schedule == "linear":
+  if diffusion.process == "vp" and diffusion.schedule in ("linear", "scaled_linear"):
     _require(0 < diffusion.beta_start < diffusion.beta_end < 1,
              f"config.diffusion.beta_start={diffusion.beta_start} and beta_end={diffusion.beta_end} must "
              "satisfy 0 < beta_start < beta_end < 1.")
+  _require(diffusion.schedule != "scaled_linear" or diffusion.num_timesteps > 0,
+           "config.diffusion.schedule='scaled_linear' is a discrete schedule; it needs "
+           f"config.diffusion.num_timesteps > 0, got {diffusion.num_timesteps}.")
   model_time = diffusion.get("model_time", "index")  # Configs saved before the key mean "index".
   _choice("diffusion.model_time", model_time, schedules.MODEL_TIMES)
   _require(model_time != "index_from_zero" or diffusion.num_timesteps > 0,
@@ -336,9 +338,43 @@ def validate_sample(sample: ml_collections.ConfigDict, *, device_count: int | No
   _require(sample.guidance_scale >= 0, f"config.sample.guidance_scale={sample.guidance_scale} must be >= 0.")
   _require(0 <= sample.guidance_rescale <= 1,
            f"config.sample.guidance_rescale={sample.guidance_rescale} must be in [0, 1].")
+  _require(sample.get("steps_offset", 0) >= 0,
+           f"config.sample.steps_offset={sample.get('steps_offset')} must be >= 0.")
+  _require(sample.get("prompt") is None or sample.get("prompts_file") is None,
+           "config.sample.prompt and config.sample.prompts_file both give prompts; set one of them.")
   _require(sample.dynamic_threshold is None or 0 < sample.dynamic_threshold <= 1,
            f"config.sample.dynamic_threshold={sample.dynamic_threshold} must be a quantile in (0, 1] "
            "(e.g. 0.995) or None.")
+
+
+def read_prompts(sample: ml_collections.ConfigDict) -> list[str] | None:
+  """The prompts of config.sample.prompts_file (one a line, blank lines skipped) or config.sample.prompt."""
+  if sample.get("prompts_file") is None:
+    return None if sample.get("prompt") is None else [sample.prompt]
+  path = os.path.expanduser(sample.prompts_file)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.sample.prompts_file={sample.prompts_file!r} does not exist.")
+  with open(path, encoding="utf-8") as f:
+    prompts = [line.strip() for line in f if line.strip()]
+  _require(bool(prompts), f"config.sample.prompts_file={sample.prompts_file!r} holds no prompt.")
+  return prompts
+
+
+def validate_text(config: ml_collections.ConfigDict, *, context_width: int | None) -> None:
+  """Prompts need a text encoder, whose width (None: no encoder) is the UNet's cross_attention_dim."""
+  s = config.sample
+  prompted = s.get("prompt") is not None or s.get("prompts_file") is not None
+  key = "prompts_file" if s.get("prompts_file") is not None else "prompt"
+  _require(not prompted or context_width is not None,
+           f"config.sample.{key} is given, but the model has no text conditioning "
+           f"(config.text.encoder is None, config.model.name={config.model.name!r}).")
+  if context_width is None:
+    return
+  _require(config.model.name == "sd_unet", f"config.text.encoder={config.text.encoder!r} conditions a "
+           f"cross-attention model (config.model.name='sd_unet'), not {config.model.name!r}.")
+  dim = config.model.sd_unet.cross_attention_dim
+  _require(context_width == dim, f"config.text.encoder={config.text.encoder!r} gives a context of width "
+           f"{context_width}, but config.model.sd_unet.cross_attention_dim={dim}: they must be equal.")
 
 
 def validate_latent(config: ml_collections.ConfigDict) -> None:
@@ -492,6 +528,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   latent_factor: the downsampling of config.latent.autoencoder (1 in pixel space); the model is
   checked at the size it sees, config.data.image_size // latent_factor.
   """
+  # Imported here: sampling imports this module, and needs no data readers.
+  import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.validate_data_config(config.data, global_batch_size=config.training.batch_size,
                                       process_count=process_count)
   validate_latent(config)

@@ -51,6 +51,8 @@ class SampleOptions:
   batch_size: int = 64
   prediction: str = "eps"
   learned_variance: bool = False  # The network outputs its variances too (config.model.dit.learn_sigma).
+  steps_offset: int = 0  # Shifts the "leading" grid (a diffusers scheduler's steps_offset).
+  set_alpha_to_one: bool = True  # False: the last step ends at t = 1 / T (diffusers' DDIM of SD).
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SampleOptions":
@@ -77,11 +79,19 @@ class SampleOptions:
                preset=s.preset,
                guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale,
                dynamic_threshold=s.dynamic_threshold, clip_x0=s.clip_x0, batch_size=s.batch_size,
-               prediction=config.diffusion.prediction, learned_variance=learned, **karras)
+               prediction=config.diffusion.prediction, learned_variance=learned,
+               steps_offset=s.get("steps_offset", 0), set_alpha_to_one=s.get("set_alpha_to_one", True),
+               **karras)
 
-  def timesteps_array(self) -> jax.Array | None:
-    """The time grid of config.sample.grid_file, or None for the named grid."""
-    return None if self.timesteps is None else jnp.asarray(self.timesteps)
+  def timesteps_array(self, schedule: schedules.Schedule | None = None) -> jax.Array | None:
+    """The time grid of config.sample.grid_file or of a scheduler's settings; None: the named grid."""
+    if self.timesteps is not None:
+      return jnp.asarray(self.timesteps)
+    if schedule is None or (self.steps_offset == 0 and self.set_alpha_to_one):
+      return None
+    return grids.scheduler_grid(self.grid or samplers.default_grid(self.sampler, schedule), schedule,
+                                self.steps, steps_offset=self.steps_offset,
+                                set_alpha_to_one=self.set_alpha_to_one)
 
   def sampler_options(self) -> dict[str, Any]:
     """The keyword options of the chosen sampler (the others' knobs do not apply to it)."""
@@ -102,6 +112,9 @@ class Sampler:
   The samplers run in space.shape (pixels, or an autoencoder's latents: training/spaces.py) and the
   result is decoded to pixels; x0 is clipped to [-1, 1] at each step (config.sample.clip_x0) only in
   pixel space. concat_channels > 0 is an inpainting model (cond["concat"]), sampled with inpaint().
+  More conditioning (a text model's cond["context"]) and its unconditional value come as arrays, and
+  so does the guidance scale: changing prompts, seed or scale never recompiles (w = 1 without rescale,
+  which skips the unconditional half, is a second program).
   """
 
   def __init__(self, *, model: nn.Module, schedule: schedules.Schedule, options: SampleOptions,
@@ -123,10 +136,18 @@ class Sampler:
     self._batch_sharding = sharding.batch_sharding(mesh)  # Along "data" and "fsdp".
     self._replicated = NamedSharding(mesh, P())
     self._frozen = jax.device_put(self.space.params, self._replicated)
-    self._sample_batch = jax.jit(self._draw, out_shardings=self._batch_sharding)
-    self._inpaint_batch = jax.jit(self._draw_inpainted, out_shardings=self._batch_sharding)
+    self._timesteps = options.timesteps_array(schedule)
+    self._sample_batch = jax.jit(self._draw, out_shardings=self._batch_sharding,
+                                 static_argnames=("guided",))
+    self._inpaint_batch = jax.jit(self._draw_inpainted, out_shardings=self._batch_sharding,
+                                  static_argnames=("guided",))
 
-  def _denoise_fn(self, params, labels, extra=None):
+  def guided(self, guidance_scale: float) -> bool:
+    """Whether a run with this scale needs the unconditional half (w != 1 or a rescale)."""
+    return guidance_scale != 1.0 or bool(self.options.guidance_rescale)
+
+  def _denoise_fn(self, params, labels, scale, extra=None, null=None):
+    """extra: more cond entries [B, ...]; null: their unconditional values, one example's, for guidance."""
     options, num_classes = self.options, self.num_classes
 
     def apply_fn(x, model_time, cond):
@@ -134,10 +155,11 @@ class Sampler:
 
     cond = {"label": labels} if num_classes else {}
     cond.update(extra or {})
-    uncond = {**cond, **guidance.null_cond(num_classes=num_classes, batch_size=labels.shape[0])}
+    nulls = guidance.null_cond(num_classes=num_classes, batch_size=labels.shape[0])
+    nulls.update({k: jnp.broadcast_to(v, (labels.shape[0], *v.shape)) for k, v in (null or {}).items()})
     return guidance.make_denoise_fn(
         apply_fn, schedule=self._schedule, prediction=options.prediction, cond=cond or None,
-        uncond=uncond if num_classes else None, guidance_scale=options.guidance_scale,
+        uncond={**cond, **nulls} if nulls else None, guidance_scale=scale,
         guidance_rescale=options.guidance_rescale, dynamic_threshold=options.dynamic_threshold,
         clip_x0=options.clip_x0 and self.space.bounded, learned=options.learned_variance,
         return_variance=options.sampler == "ddpm" and options.ddpm_variance == "learned")
@@ -146,29 +168,31 @@ class Sampler:
     x_T = jax.random.normal(rng, (labels.shape[0], *self.image_shape))
     return jax.lax.with_sharding_constraint(x_T, self._batch_sharding)
 
-  def _draw(self, params, frozen, labels, rng):
+  def _draw(self, params, frozen, labels, rng, extra, null, scale, *, guided):
     noise_rng, sampler_rng = jax.random.split(rng)
     options = self.options
-    x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels), self._x_T(labels, noise_rng),
+    denoise_fn = self._denoise_fn(params, labels, scale if guided else 1.0, extra, null)
+    x0 = samplers.sample(options.sampler, denoise_fn, self._x_T(labels, noise_rng),
                          sampler_rng, schedule=self._schedule, steps=options.steps, grid=options.grid,
-                         timesteps=options.timesteps_array(), **options.sampler_options())
+                         timesteps=self._timesteps, **options.sampler_options())
     return jnp.clip(self.space.decode(frozen, x0), -1.0, 1.0)
 
-  def _draw_inpainted(self, params, frozen, labels, rng, image, mask):
+  def _draw_inpainted(self, params, frozen, labels, rng, extra, null, scale, image, mask, *, guided):
     """image [H, W, C] in [-1, 1] and mask [H, W, 1] (1 keep) at pixel resolution, for every row."""
     noise_rng, sampler_rng = jax.random.split(rng)
     options, space = self.options, self.space
     images = jnp.broadcast_to(image, (labels.shape[0], *image.shape))
     masks = jnp.broadcast_to(mask, (labels.shape[0], *mask.shape))
     x_T = self._x_T(labels, noise_rng)
+    scale = scale if guided else 1.0
     if self.concat_channels:  # An inpainting model sees the mask and the masked image (SD-inpainting).
-      extra = {"concat": spaces.inpaint_concat(space, frozen, images=images, mask=masks)}
-      x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels, extra), x_T, sampler_rng,
-                           schedule=self._schedule, steps=options.steps, grid=options.grid,
-                           timesteps=options.timesteps_array(), **options.sampler_options())
+      extra = {**(extra or {}), "concat": spaces.inpaint_concat(space, frozen, images=images, mask=masks)}
+      x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels, scale, extra, null), x_T,
+                           sampler_rng, schedule=self._schedule, steps=options.steps, grid=options.grid,
+                           timesteps=self._timesteps, **options.sampler_options())
     else:  # Any other model: the known region follows its forward process (RePaint).
-      x0 = inpaint.inpaint(options.sampler, self._denoise_fn(params, labels), x_T, sampler_rng,
-                           known=space.encode(frozen, images, None),
+      x0 = inpaint.inpaint(options.sampler, self._denoise_fn(params, labels, scale, extra, null), x_T,
+                           sampler_rng, known=space.encode(frozen, images, None),
                            mask=inpaint.reduce_mask(masks, factor=space.factor),
                            schedule=self._schedule, steps=options.steps, grid=options.grid,
                            **options.sampler_options())
@@ -182,14 +206,23 @@ class Sampler:
                image_shape=image_shape, num_classes=config.model.num_classes, space=space,
                concat_channels=spaces.concat_channels(config, image_shape))
 
+  def _pad(self, rows: np.ndarray) -> np.ndarray:
+    """rows [n <= padded batch, ...] padded with zeros to the compiled batch."""
+    return np.concatenate([rows, np.zeros((self._padded_batch - len(rows), *rows.shape[1:]), rows.dtype)])
+
   def default_labels(self, num: int) -> np.ndarray:
     """Classes 0, 1, ..., num_classes - 1, repeated: each row of a grid shows every class."""
     return (np.arange(num) % max(self.num_classes, 1)).astype(np.int32)
 
   def sample(self, params: Any, *, seed: int, num: int | None = None, labels: np.ndarray | None = None,
-             image: np.ndarray | None = None,
-             mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             image: np.ndarray | None = None, mask: np.ndarray | None = None,
+             cond: dict[str, Any] | None = None, null: dict[str, Any] | None = None,
+             guidance_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns (uint8 images [num, H, W, C], int32 labels [num]) on every process.
+
+    cond: more conditioning, arrays [num, ...] (a text model's {"context": [num, T, D]}); null: the
+    unconditional value of each of its keys, one example's ([T, D]: the empty or negative prompt's
+    context), for classifier-free guidance; guidance_scale replaces config.sample.guidance_scale.
 
     With image ([H, W, C] in [-1, 1]) and mask ([H, W, 1], 1 = keep, 0 = fill) at pixel resolution,
     every image is an inpainting of image: by the model itself if it has the inpainting channels,
@@ -208,6 +241,10 @@ class Sampler:
                          "channels (RePaint).")
       image = jax.device_put(np.asarray(image, np.float32), self._replicated)
       mask = jax.device_put(np.asarray(mask, np.float32), self._replicated)
+    scale = self.options.guidance_scale if guidance_scale is None else float(guidance_scale)
+    scale_array = jax.device_put(np.float32(scale), self._replicated)
+    if null is not None:
+      null = jax.device_put(null, self._replicated)
     num = num or self.options.batch_size
     labels = self.default_labels(num) if labels is None else np.asarray(labels, np.int32)
     batch = self.options.batch_size
@@ -217,10 +254,15 @@ class Sampler:
       chunk[:min(batch, num - start)] = labels[start:start + batch]
       chunk = jax.device_put(chunk, self._replicated)
       rng = jax.random.fold_in(jax.random.key(seed), i)
+      extra = None
+      if cond is not None:
+        extra = {k: jax.device_put(self._pad(np.asarray(v)[start:start + batch]), self._batch_sharding)
+                 for k, v in cond.items()}
+      args = (params, self._frozen, chunk, rng, extra, null, scale_array)
       if image is None:
-        x0 = self._sample_batch(params, self._frozen, chunk, rng)
+        x0 = self._sample_batch(*args, guided=self.guided(scale))
       else:
-        x0 = self._inpaint_batch(params, self._frozen, chunk, rng, image, mask)
+        x0 = self._inpaint_batch(*args, image, mask, guided=self.guided(scale))
       x0 = multihost_utils.process_allgather(x0, tiled=True) if jax.process_count() > 1 else x0
       images.append(np.asarray(jax.device_get(x0))[:batch])
     images = np.concatenate(images)[:num]

@@ -8,6 +8,7 @@ config.sample.mask, every image is an inpainting of that image (`_inpaint` in th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -17,12 +18,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import models
 from evaluation import run as run_lib
 from training import checkpoints
 from training import config_check
 from training import generate
 from training import lora
+from training import sharding
 from training import spaces
+from training import text as text_lib
 from training import train as train_lib
 from training import writers
 
@@ -36,54 +40,127 @@ def unique_path(directory: str, stem: str, suffixes: tuple[str, ...]) -> str:
   return os.path.join(directory, candidate)
 
 
+def _pretrained_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """(config, params, model, schedule, image_shape) of config.model.pretrained, for a workdir without
+  checkpoints: the command line's config describes the model (configs/stable_diffusion.py)."""
+  if config.model.name != "sd_unet":
+    raise ValueError(f"config.model.pretrained={config.model.pretrained!r} is sampled without a checkpoint "
+                     f"for config.model.name='sd_unet' only, not {config.model.name!r}.")
+  config_check.validate_latent(config)
+  config_check.validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+  factor, channels = 1, config.model.sd_unet.in_channels
+  if config.latent.autoencoder is not None:
+    factor = spaces.load_autoencoder(config.latent.autoencoder)[0].downsampling_factor
+  config_check.validate_model(config.model, image_size=config.data.image_size // factor)
+  size = config.data.image_size // factor
+  image_shape = (size, size, channels - spaces.concat_channels(config, (size, size, 0)))
+  model = models.create_model(config.model)
+  cond = {"context": jax.ShapeDtypeStruct((1, 1, config.model.sd_unet.cross_attention_dim), np.float32)}
+  if spaces.concat_channels(config, image_shape):
+    cond["concat"] = jax.ShapeDtypeStruct((1, size, size, spaces.concat_channels(config, image_shape)),
+                                          np.float32)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, *image_shape), np.float32),
+                          jax.ShapeDtypeStruct((1,), np.float32), cond)["params"]
+  shardings = sharding.state_shardings(shapes, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        shardings)
+  params = train_lib.pretrained_params(config, target)
+  return config, params, model, train_lib.create_schedule(config.diffusion), image_shape
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  try:
+    return manager.latest_step() is not None
+  finally:
+    manager.close()
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Draws config.sample.num images from the EMA params; returns the path stem of the files written.
 
   config.sample.steps=None takes the run's own (a progressive student's N: its sampler is recorded).
+  A workdir without checkpoints samples config.model.pretrained's weights with the command line's config.
   """
-  if config.sample.steps is None:
+  pretrained = config.model.get("pretrained") is not None and not _has_checkpoint(workdir)
+  if config.sample.steps is None and not pretrained:
     config = config.copy_and_resolve_references()
     config.sample.steps = checkpoints.restore_config(workdir).sample.steps
   config_check.validate_sample(config.sample, device_count=jax.device_count())
   config_check.validate_mesh(config.mesh, device_count=jax.device_count())
   config_check.validate_lora(config.lora, model_name=config.model.name)
+  prompts = config_check.read_prompts(config.sample)
   mesh = train_lib.create_mesh(config.mesh)  # This run's mesh, whatever the checkpoint was trained on.
-  trained, state, model, schedule = run_lib.load_run(workdir, config.sample.checkpoint_step, mesh=mesh,
-                                                     step_key="config.sample.checkpoint_step")
-  step = int(state.step)
-  params = state.ema_params
+  if pretrained:
+    trained, params, model, schedule, image_shape = _pretrained_run(config, mesh)
+    source, checkpoint = "pretrained", os.path.abspath(os.path.expanduser(config.model.pretrained))
+  else:
+    trained, state, model, schedule = run_lib.load_run(workdir, config.sample.checkpoint_step, mesh=mesh,
+                                                       step_key="config.sample.checkpoint_step")
+    step = int(state.step)
+    params, source = state.ema_params, f"step{step}"
+    checkpoint = os.path.join(os.path.abspath(checkpoints.checkpoint_dir(workdir)), str(step))
+    image_shape = run_lib.image_shape(workdir, step)
   if config.lora.load is not None:  # A LoRA file, merged once before the sampler runs.
     params = lora.merge_file(os.path.expanduser(config.lora.load), {"unet": params},
                              scale=config.lora.scale)["unet"]
   # The checkpoint's own model, schedule and space; the sampling settings of the command line.
   trained = run_lib.with_command_line(trained, config, sections=("sample",))
-  image_shape = run_lib.image_shape(workdir, step)
   space = spaces.space_for_run(trained, image_shape)
+  text_encoder = text_lib.create_text_encoder(trained)
+  config_check.validate_text(trained, context_width=text_encoder.width if text_encoder else None)
   image = mask = None
   if config.sample.image is not None or config.sample.mask is not None:
     image, mask = config_check.read_inpaint_files(config.sample, data_shape=space.data_shape)
-  sampler = generate.Sampler.from_config(trained, model=model, schedule=schedule,
-                                         mesh=mesh, image_shape=image_shape, space=space)
+  sampler = generate.Sampler.from_config(trained, model=model, schedule=schedule, mesh=mesh,
+                                         image_shape=image_shape, space=space)
+  s, o = trained.sample, sampler.options  # o: after config.sample.preset.
   start = time.perf_counter()
-  images, labels = sampler.sample(params, seed=trained.sample.seed, num=trained.sample.num,
-                                  image=image, mask=mask)
+  cond = null = None
+  if text_encoder is not None:
+    prompts = prompts or [""]
+    cond, null = text_encoder.prompt_cond(prompts, negative_prompt=s.negative_prompt, num=s.num)
+  images, labels = sampler.sample(params, seed=s.seed, num=s.num, image=image, mask=mask, cond=cond,
+                                  null=null)
   seconds = time.perf_counter() - start
 
-  s, o = trained.sample, sampler.options  # o: after config.sample.preset.
-  stem = f"step{step}_{o.sampler}_{o.steps}steps_w{o.guidance_scale:g}_seed{s.seed}"
+  stem = f"{source}_{o.sampler}_{o.steps}steps_w{o.guidance_scale:g}_seed{s.seed}"
   if image is not None:
     stem += "_inpaint"
   out_dir = os.path.join(workdir, "samples")
   path = unique_path(out_dir, stem, (".npz", ".png"))
-  settings = {"checkpoint_step": step, "seconds": seconds, "num_devices": jax.device_count(),
+  settings = {"checkpoint": checkpoint, "seconds": seconds, "num_devices": jax.device_count(),
               **sampler.options.__dict__, "seed": s.seed, "num": s.num, "space": space.description,
               "image": s.image, "mask": s.mask, "lora": config.lora.load, "lora_scale": config.lora.scale}
+  if source != "pretrained":
+    settings["checkpoint_step"] = step
+  extra = {}
+  if text_encoder is not None:
+    settings.update(prompts=prompts, negative_prompt=s.negative_prompt)
+    extra["prompts"] = np.array([prompts[i % len(prompts)] for i in range(len(images))])
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(path + ".npz.tmp", "wb") as f:
-      np.savez(f, images=images, labels=labels, settings=json.dumps(settings))
+      np.savez(f, images=images, labels=labels, settings=json.dumps(settings), **extra)
     os.replace(path + ".npz.tmp", path + ".npz")
-    writers.save_png(path + ".png", writers.image_grid(images, cols=trained.model.num_classes or None))
+    cols = len(prompts) if text_encoder is not None and len(prompts) > 1 else trained.model.num_classes
+    writers.save_png(path + ".png", writers.image_grid(images, cols=cols or None),
+                     metadata=png_metadata(settings))
   logging.info("Drew %d images with %s, %d steps, in %.1f s: %s.{npz,png}", len(images), o.sampler,
                o.steps, seconds, path)
   return path
+
+
+def png_metadata(settings: dict) -> dict[str, str]:
+  """The PNG text chunks of a sampling run: prompts, negative prompt, sampler, steps, scale, seed,
+  checkpoint, and every setting as JSON."""
+  keys = {"prompt": "prompts", "negative_prompt": "negative_prompt", "sampler": "sampler",
+          "steps": "steps", "guidance_scale": "guidance_scale", "seed": "seed", "checkpoint": "checkpoint"}
+  out = {}
+  for chunk, key in keys.items():
+    if key in settings:
+      value = settings[key]
+      out[chunk] = "\n".join(value) if isinstance(value, list) else str(value)
+  out["settings"] = json.dumps(settings)
+  return out

@@ -48,6 +48,14 @@ class TextEncoder:
     """cond["context"] [B, max_length, width] of the ids."""
     return self.module.apply({"params": params}, ids, clip_skip=self.clip_skip).last_hidden_state
 
+  def prompt_cond(self, prompts: Sequence[str], *, negative_prompt: str = "",
+                  num: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(cond {"context": [num, L, width]}, image i's of prompts[i % len(prompts)]; null {"context":
+    [L, width]}, the negative prompt's: guidance's unconditional half) for generate.Sampler.sample."""
+    ids = self.tokenize(list(prompts) + [negative_prompt])
+    context = np.asarray(jax.device_get(jax.jit(self.encode)(self.params, ids)))
+    return {"context": context[np.arange(num) % len(prompts)]}, {"context": context[-1]}
+
 
 def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
   """config.text.tokenizer, else the tokenizer/ folder scripts/convert_clip.py copied into the encoder's."""

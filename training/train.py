@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -15,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import input_pipeline
 import models
+from models import pretrained
 from diffusion import schedules
 from training import checkpoints
 from training import config_check
@@ -53,6 +56,12 @@ def abstract_state(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   shardings = sharding.state_shardings(shapes, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                       shardings)
+
+
+def pretrained_params(config: ml_collections.ConfigDict, target: Any) -> Any:
+  """config.model.pretrained's params, laid out as the abstract params target (abstract_state's)."""
+  params = pretrained.load_params_like(config.model.pretrained, target)
+  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
 
 
 class _Preemption:
@@ -169,6 +178,10 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, task, init_rng)
   _write_config(workdir, config)
   if restored is None:
     state = jax.jit(task.init_state, out_shardings=state_shardings)(init_rng)
+    if config.model.get("pretrained") is not None:  # Params and EMA from converted weights at step 0.
+      params = pretrained_params(config, target.params)
+      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+      logging.info("Parameters and EMA from config.model.pretrained=%s.", config.model.pretrained)
     logging.info("Initialised %s parameters.", f"{models.count_params(state.params):,}")
   else:
     state, step = restored

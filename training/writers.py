@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 from PIL import Image
+from PIL import PngImagePlugin
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -29,13 +30,19 @@ def image_grid(images: np.ndarray, *, cols: int | None = None, pad: int = 2) -> 
   return grid
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 image [H, W, C] to path (via a temporary file, so a crash leaves no half PNG)."""
+def save_png(path: str, image: np.ndarray, metadata: dict[str, str] | None = None) -> None:
+  """Writes a uint8 image [H, W, C] to path (via a temporary file, so a crash leaves no half PNG).
+
+  metadata becomes the PNG's text chunks (key -> value; non-Latin-1 text as iTXt).
+  """
   os.makedirs(os.path.dirname(path), exist_ok=True)
   mode = "L" if image.shape[-1] == 1 else "RGB"
+  info = PngImagePlugin.PngInfo()
+  for key, value in (metadata or {}).items():
+    info.add_text(key, str(value))  # PIL writes iTXt where the text is not Latin-1.
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
-    Image.fromarray(image[..., 0] if mode == "L" else image, mode).save(f, format="PNG")
+    Image.fromarray(image[..., 0] if mode == "L" else image, mode).save(f, format="PNG", pnginfo=info)
   os.replace(tmp, path)
 
 
