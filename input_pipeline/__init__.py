@@ -23,6 +23,7 @@ from input_pipeline.pipeline import (
     build_process_batches,
     create_dataset,
     create_numpy_iterator,
+    read_captions,
     validate_data_config,
 )
 from input_pipeline.sources import SOURCES, DigitsSource, prepare_command
@@ -36,5 +37,6 @@ __all__ = [
     "create_dataset",
     "create_numpy_iterator",
     "prepare_command",
+    "read_captions",
     "validate_data_config",
 ]

@@ -116,7 +116,8 @@ class Sampler:
     self._sample_batch = jax.jit(self._draw, out_shardings=self._batch_sharding)
     self._inpaint_batch = jax.jit(self._draw_inpainted, out_shardings=self._batch_sharding)
 
-  def _denoise_fn(self, params, labels, extra=None):
+  def _denoise_fn(self, params, labels, extra=None, null=None):
+    """extra: more cond entries [B, ...]; null: their unconditional values, one example's, for guidance."""
     options, num_classes = self.options, self.num_classes
 
     def apply_fn(x, model_time, cond):
@@ -124,10 +125,11 @@ class Sampler:
 
     cond = {"label": labels} if num_classes else {}
     cond.update(extra or {})
-    uncond = {**cond, **guidance.null_cond(num_classes=num_classes, batch_size=labels.shape[0])}
+    nulls = guidance.null_cond(num_classes=num_classes, batch_size=labels.shape[0])
+    nulls.update({k: jnp.broadcast_to(v, (labels.shape[0], *v.shape)) for k, v in (null or {}).items()})
     return guidance.make_denoise_fn(
         apply_fn, schedule=self._schedule, prediction=options.prediction, cond=cond or None,
-        uncond=uncond if num_classes else None, guidance_scale=options.guidance_scale,
+        uncond={**cond, **nulls} if nulls else None, guidance_scale=options.guidance_scale,
         guidance_rescale=options.guidance_rescale, dynamic_threshold=options.dynamic_threshold,
         clip_x0=options.clip_x0 and self.space.bounded)
 
@@ -135,10 +137,11 @@ class Sampler:
     x_T = jax.random.normal(rng, (labels.shape[0], *self.image_shape))
     return jax.lax.with_sharding_constraint(x_T, self._batch_sharding)
 
-  def _draw(self, params, frozen, labels, rng):
+  def _draw(self, params, frozen, labels, rng, extra=None, null=None):
     noise_rng, sampler_rng = jax.random.split(rng)
     options = self.options
-    x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels), self._x_T(labels, noise_rng),
+    x0 = samplers.sample(options.sampler, self._denoise_fn(params, labels, extra, null),
+                         self._x_T(labels, noise_rng),
                          sampler_rng, schedule=self._schedule, steps=options.steps, grid=options.grid,
                          timesteps=options.timesteps_array(), **options.sampler_options())
     return jnp.clip(self.space.decode(frozen, x0), -1.0, 1.0)
@@ -171,14 +174,23 @@ class Sampler:
                image_shape=image_shape, num_classes=config.model.num_classes, space=space,
                concat_channels=spaces.concat_channels(config, image_shape))
 
+  def _pad(self, rows: np.ndarray) -> np.ndarray:
+    """rows [n <= padded batch, ...] padded with zeros to the compiled batch."""
+    return np.concatenate([rows, np.zeros((self._padded_batch - len(rows), *rows.shape[1:]), rows.dtype)])
+
   def default_labels(self, num: int) -> np.ndarray:
     """Classes 0, 1, ..., num_classes - 1, repeated: each row of a grid shows every class."""
     return (np.arange(num) % max(self.num_classes, 1)).astype(np.int32)
 
   def sample(self, params: Any, *, seed: int, num: int | None = None, labels: np.ndarray | None = None,
-             image: np.ndarray | None = None,
-             mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             image: np.ndarray | None = None, mask: np.ndarray | None = None,
+             cond: dict[str, Any] | None = None,
+             null: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns (uint8 images [num, H, W, C], int32 labels [num]) on every process.
+
+    cond: more conditioning, arrays [num, ...] (a text model's {"context": [num, T, D]}); null: the
+    unconditional value of each of its keys, one example's ([T, D]: the empty prompt's context), for
+    classifier-free guidance.
 
     With image ([H, W, C] in [-1, 1]) and mask ([H, W, 1], 1 = keep, 0 = fill) at pixel resolution,
     every image is an inpainting of image: by the model itself if it has the inpainting channels,
@@ -187,6 +199,8 @@ class Sampler:
     """
     if (image is None) != (mask is None):
       raise ValueError("image and mask go together (config.sample.image, config.sample.mask).")
+    if image is not None and cond is not None:
+      raise ValueError("Inpainting (config.sample.image) takes no cond: it is not for text models.")
     if image is None and self.concat_channels:
       raise ValueError("This model was trained for inpainting (config.diffusion.inpaint_training): "
                        "give config.sample.image and config.sample.mask.")
@@ -206,8 +220,12 @@ class Sampler:
       chunk[:min(batch, num - start)] = labels[start:start + batch]
       chunk = jax.device_put(chunk, self._replicated)
       rng = jax.random.fold_in(jax.random.key(seed), i)
+      extra = None
+      if cond is not None:
+        extra = {k: jax.device_put(self._pad(np.asarray(v)[start:start + batch]), self._batch_sharding)
+                 for k, v in cond.items()}
       if image is None:
-        x0 = self._sample_batch(params, self._frozen, chunk, rng)
+        x0 = self._sample_batch(params, self._frozen, chunk, rng, extra, null)
       else:
         x0 = self._inpaint_batch(params, self._frozen, chunk, rng, image, mask)
       x0 = multihost_utils.process_allgather(x0, tiled=True) if jax.process_count() > 1 else x0

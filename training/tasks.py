@@ -27,6 +27,7 @@ from models import discriminator as discriminator_lib
 from models import lpips as lpips_lib
 from training import autoencoder_step
 from training import spaces
+from training import text as text_lib
 from training import train_step as train_step_lib
 from training import writers
 
@@ -62,27 +63,37 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   model = models.create_model(config.model)
   schedule = train_lib.create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
+  text = text_lib.create_conditioning(config)  # None without config.text.encoder.
   step = train_step_lib.make_train_step(
       model=model, schedule=schedule, tx=tx, lr_fn=lr_fn,
       hparams=train_step_lib.DiffusionHParams.from_config(config.diffusion),
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
       encode=space.encode if space is not None else None,
-      condition=spaces.make_condition(config, space) if space is not None else None)
+      condition=spaces.make_condition(config, space) if space is not None else None, text=text)
   visualise = constants = None
   if mesh is not None and space is not None:
-    constants = jax.device_put(space.params, NamedSharding(mesh, P()))
+    constants = space.params
+    if text is not None:  # The step's frozen arrays: the space's and a frozen text encoder's.
+      constants = {"space": constants, "text": text.frozen_params}
+    constants = jax.device_put(constants, NamedSharding(mesh, P()))
   if mesh is not None and config.training.sample_every:
     sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
                                            image_shape=image_shape, space=space)
+    prompts = holdout_captions(config) if text is not None else None
 
     def visualise(state):
-      images, _ = sampler.sample(state.ema_params, seed=config.sample.seed, num=config.sample.num)
+      params, cond, null = state.ema_params, None, None
+      if text is not None:
+        params, cond, null = text.sampling_inputs(params, prompts)
+      images, _ = sampler.sample(params, seed=config.sample.seed, num=config.sample.num, cond=cond,
+                                 null=null)
       return writers.image_grid(images, cols=config.model.num_classes or None), {}
 
   return Task(
       init_state=functools.partial(train_step_lib.init_state, model=model, tx=tx,
                                    image_shape=image_shape, num_classes=config.model.num_classes,
-                                   concat_channels=spaces.concat_channels(config, image_shape)),
+                                   concat_channels=spaces.concat_channels(config, image_shape),
+                                   text=text),
       train_step=step, constants=constants,
       metric_names=("loss", "grad_norm"), visualise=visualise, image_tag="samples",
       png_prefix="train_step_")
@@ -108,6 +119,18 @@ def holdout_images(config: ml_collections.ConfigDict) -> np.ndarray:
     raise ValueError(f"config.sample.num={config.sample.num} held-out images are more than the "
                      f"{len(images)} of config.data.holdout_split={data.split!r}.")
   return images.read(0, config.sample.num)[0].astype(np.float32) / 127.5 - 1.0
+
+
+def holdout_captions(config: ml_collections.ConfigDict) -> list[str]:
+  """The captions of the first config.sample.num examples of config.data.holdout_split (or split):
+  the prompts of a text model's sample grids during training."""
+  from input_pipeline import sources  # pylint: disable=g-import-not-at-top
+
+  split = config.data.get("holdout_split") or config.data.split
+  info = sources.open_source(name=config.data.name, split=split, data_dir=config.data.data_dir,
+                             image_size=config.data.image_size)
+  texts = [info.source[i][config.data.caption_feature] for i in range(min(config.sample.num, len(info.source)))]
+  return [t.decode() if isinstance(t, bytes) else str(t) for t in texts]
 
 
 def reconstruction_grid(inputs: np.ndarray, outputs: np.ndarray, *, cols: int = 8) -> np.ndarray:

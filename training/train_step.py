@@ -70,16 +70,24 @@ def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[optax.Gra
 
 
 def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-               image_shape: tuple[int, ...], num_classes: int, concat_channels: int = 0) -> TrainState:
+               image_shape: tuple[int, ...], num_classes: int, concat_channels: int = 0,
+               text: Any = None) -> TrainState:
   """Fresh parameters, their EMA copy and the optimizer state.
 
   concat_channels: extra input channels of cond["concat"] (SD-inpainting's mask + masked latents).
+  text: a text model's training/text.TextConditioning; a trainable encoder's params join the state's.
   """
   x = jnp.zeros((1, *image_shape), jnp.float32)
   cond = {"label": jnp.zeros((1,), jnp.int32)} if num_classes else {}
   if concat_channels:
     cond["concat"] = jnp.zeros((1, *image_shape[:-1], concat_channels), jnp.float32)
-  params = model.init(rng, x, jnp.zeros((1,)), cond, train=False)["params"]
+  if text is not None:
+    cond["context"] = jnp.zeros((1, text.encoder.max_length, text.encoder.width), jnp.float32)
+  model_rng, text_rng = jax.random.split(rng)
+  params = model.init(model_rng if text is not None else rng, x, jnp.zeros((1,)), cond,
+                      train=False)["params"]
+  if text is not None:
+    params = text.state_params(text_rng, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 
@@ -141,7 +149,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
                model: nn.Module, schedule: schedules.Schedule, tx: optax.GradientTransformation,
                lr_fn: optax.Schedule, hparams: DiffusionHParams, num_classes: int,
                ema_decay: float, rng: jax.Array, encode: Encode | None = None,
-               condition: Condition | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               condition: Condition | None = None,
+               text: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the denoising loss; a non-finite loss or gradient leaves the state as it was.
 
   encode(frozen, images, rng) -> x0 maps the batch's images into the space the model diffuses in
@@ -150,7 +159,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   class-conditional model); with probability p_uncond an example's entries are replaced by the null
   ones (guidance.null_cond), key by key. The step's randomness is fold_in(rng, step), so a resumed run
   draws what an uninterrupted one would.
+
+  text (training/text.TextConditioning) makes it a text model's step: frozen is then {"space": the
+  space's, "text": a frozen encoder's params}; cond["tokens"] are dropped to the empty prompt's and
+  become cond["context"] inside the loss, so a trainable encoder (the state's params[TEXT]) gets
+  gradients.
   """
+  frozen, frozen_text = (frozen, None) if text is None else (frozen["space"], frozen["text"])
   rng = jax.random.fold_in(rng, state.step)
   t_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
   encode_rng, cond_rng = jax.random.split(jax.random.fold_in(rng, 1))
@@ -175,11 +190,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   else:
     cond = {"label": batch["label"]} if num_classes else {}
   drop = jax.random.uniform(label_rng, (batch_size,)) < hparams.p_uncond
-  cond = guidance.drop_cond(cond, null=guidance.null_cond(num_classes=num_classes,
-                                                          batch_size=batch_size), drop=drop)
+  null = guidance.null_cond(num_classes=num_classes, batch_size=batch_size,
+                            empty_prompt=None if text is None else text.empty_ids)
+  cond = guidance.drop_cond(cond, null=null, drop=drop)
 
   def loss_fn(params):
-    output = model.apply({"params": params}, x_in, schedule.model_time(t), cond, train=True,
+    model_params, model_cond = params, cond
+    if text is not None:
+      model_params, text_params = text.split(params, frozen_text)
+      model_cond = text.with_context(text_params, cond)
+    output = model.apply({"params": model_params}, x_in, schedule.model_time(t), model_cond, train=True,
                          rngs={"dropout": dropout_rng})
     per_example = losses.denoising_loss(
         output, x0=x0, eps=noise, alpha=alpha, sigma=sigma, logsnr=logsnr,
