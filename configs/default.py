@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Text conditioning (training/text.py): cond["context"] of a cross-attention model (config.model.name="sd_unet").
   config.text = text = ml_collections.ConfigDict()
   text.encoder = ml_collections.config_dict.placeholder(str)  # Converted CLIP text encoder directory (scripts/convert_clip.py), "new" (a config.text.clip transformer trained from scratch with a word-level tokenizer), or None = no text conditioning.
-  text.tokenizer = ml_collections.config_dict.placeholder(str)  # Tokenizer folder (vocab.json + merges.txt, or tokenizer.json); None = the encoder's tokenizer/ subfolder.
+  text.tokenizer = ml_collections.config_dict.placeholder(str)  # Tokenizer folder (vocab.json + merges.txt, or tokenizer.json); None = the encoder's tokenizer/ subfolder, or for "new" workdir/tokenizer (built from the captions at the first start).
   text.max_length = ml_collections.config_dict.placeholder(int)  # Tokens per prompt; None = the tokenizer's model_max_length (77 for CLIP).
   text.clip_skip = ml_collections.config_dict.placeholder(int)  # Condition on layer L - clip_skip of L (diffusers' clip_skip); None = the last layer.
   text.trainable = False  # Train the text encoder with the model (its params and EMA in the train state); False = frozen (needs a converted encoder). "new" needs True.
