@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = True  # Random horizontal flip of training images.
   data.num_workers = 0  # grain worker processes per host; 0 reads in the main process.
   data.prefetch = 2  # Batches prefetched to the devices ahead of the train step.
+  data.caption_feature = ml_collections.config_dict.placeholder(str)  # Text models: the dataset's caption feature (a tfds Text feature; "caption" for two_digits), tokenised into batch["tokens"]; None = no captions.
   data.holdout_split = ml_collections.config_dict.placeholder(str)  # Autoencoder runs: split whose first sample.num images are reconstructed (PSNR, grids); None = config.data.split.
 
   config.model = model = ml_collections.ConfigDict()
@@ -129,10 +130,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Text conditioning (training/text.py): cond["context"] of a cross-attention model (config.model.name="sd_unet").
   config.text = text = ml_collections.ConfigDict()
-  text.encoder = ml_collections.config_dict.placeholder(str)  # Converted CLIP text encoder directory (scripts/convert_clip.py); None = no text conditioning.
-  text.tokenizer = ml_collections.config_dict.placeholder(str)  # Tokenizer folder (vocab.json + merges.txt, or tokenizer.json); None = the encoder's tokenizer/ subfolder.
+  text.encoder = ml_collections.config_dict.placeholder(str)  # Converted CLIP text encoder directory (scripts/convert_clip.py), "new" (a config.text.clip transformer trained from scratch with a word-level tokenizer), or None = no text conditioning.
+  text.tokenizer = ml_collections.config_dict.placeholder(str)  # Tokenizer folder (vocab.json + merges.txt, or tokenizer.json); None = the encoder's tokenizer/ subfolder, or for "new" workdir/tokenizer (built from the captions at the first start).
   text.max_length = ml_collections.config_dict.placeholder(int)  # Tokens per prompt; None = the tokenizer's model_max_length (77 for CLIP).
   text.clip_skip = ml_collections.config_dict.placeholder(int)  # Condition on layer L - clip_skip of L (diffusers' clip_skip); None = the last layer.
+  text.trainable = False  # Train the text encoder with the model (its params and EMA in the train state); False = frozen (needs a converted encoder). "new" needs True.
+  text.clip = clip = ml_collections.ConfigDict()  # config.text.encoder="new": the CLIPTextTransformer (models/clip.py) built and trained here.
+  clip.vocab_size = 1000  # Words kept in the word-level vocabulary (most frequent in the captions), special tokens included.
+  clip.hidden_size = 64  # Width of the context; config.model.sd_unet.cross_attention_dim must equal it.
+  clip.num_hidden_layers = 2  # Transformer layers.
+  clip.num_attention_heads = 4  # Attention heads; they must divide hidden_size.
+  clip.intermediate_size = 256  # Width of the MLPs.
 
   # Distillation of a trained diffusion run (the teacher) into a student that samples in fewer steps.
   config.distill = distill = ml_collections.ConfigDict()

@@ -18,12 +18,16 @@ Array = jnp.ndarray
 Cond = Mapping[str, Array]  # Conditioning by key: "label" int [B] (null class = num_classes), ...
 
 
-def null_cond(*, num_classes: int, batch_size: int) -> dict[str, Array]:
-  """The entries of the unconditional model's conditioning: today the null label num_classes.
+def null_cond(*, num_classes: int, batch_size: int, empty_prompt: Array | None = None) -> dict[str, Array]:
+  """The entries of the unconditional model's conditioning: the null label num_classes, and the
+  empty prompt's token ids [T] as every row's "tokens" of a text model.
 
   Keys absent here (e.g. "concat", the masked image of an inpainting model) are never dropped.
   """
-  return {"label": jnp.full((batch_size,), num_classes, jnp.int32)} if num_classes else {}
+  null = {"label": jnp.full((batch_size,), num_classes, jnp.int32)} if num_classes else {}
+  if empty_prompt is not None:
+    null["tokens"] = jnp.broadcast_to(jnp.asarray(empty_prompt, jnp.int32), (batch_size, len(empty_prompt)))
+  return null
 
 
 def drop_cond(cond: Cond, *, null: Cond, drop: Array) -> dict[str, Array]:

@@ -23,6 +23,7 @@ from input_pipeline.pipeline import (
     build_process_batches,
     create_dataset,
     create_numpy_iterator,
+    read_captions,
     shuffled_batches,
     validate_data_config,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "create_dataset",
     "create_numpy_iterator",
     "prepare_command",
+    "read_captions",
     "shuffled_batches",
     "validate_data_config",
 ]

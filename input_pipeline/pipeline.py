@@ -83,13 +83,15 @@ def validate_data_config(data_config: Any, *, global_batch_size: int, process_co
 
 def build_process_batches(source: Any, *, image_size: int, resize: str, random_flip: bool,
                           seed: int, global_batch_size: int, process_index: int,
-                          process_count: int, has_label: bool = True) -> grain.MapDataset:
+                          process_count: int, has_label: bool = True,
+                          caption: tuple[str, Any] | None = None) -> grain.MapDataset:
   """Returns an (infinite) grain.MapDataset whose element k is this process's part of batch k.
 
   Elements are {"image": float32 [L,H,W,C] in [-1, 1], "label": int32 [L]}, L = G // P.
   `source` is any random-access source (__len__, __getitem__ -> {"image", "label"}).
+  caption: (feature, tokenizer): elements also hold "tokens", int32 [L, T], of example[feature].
   """
-  transforms = [preprocess.Preprocess(image_size, resize, use_label=has_label)]
+  transforms = [preprocess.Preprocess(image_size, resize, use_label=has_label, caption=caption)]
   if random_flip:
     transforms.append(preprocess.RandomFlip())  # Seeded by (seed, stream position).
   return shuffled_batches(source, transforms, seed=seed, global_batch_size=global_batch_size,
@@ -219,12 +221,43 @@ class Dataset(grain.DatasetIterator):
     super().close()
 
 
+def caption_feature(data_config: Any, info: sources.SourceInfo) -> str | None:
+  """config.data.caption_feature, checked against the source's caption features."""
+  feature = data_config.get("caption_feature")
+  if feature is not None and feature not in info.captions:
+    raise ValueError(f"config.data.caption_feature={feature!r} is not a caption feature of "
+                     f"config.data.name={data_config.name!r}; its text features: "
+                     f"{', '.join(info.captions) or 'none'}.")
+  return feature
+
+
+def read_captions(data_config: Any) -> list[str]:
+  """Every caption of config.data.split's config.data.caption_feature (a word-level vocabulary's text).
+
+  A source with a fixed VOCABULARY (two_digits) gives that instead of reading every example.
+  """
+  info = sources.open_source(name=data_config.name, split=data_config.split,
+                             data_dir=data_config.data_dir, image_size=data_config.image_size)
+  feature = caption_feature(data_config, info)
+  if feature is None:
+    raise ValueError(f"config.data.caption_feature is None: name the caption feature of "
+                     f"config.data.name={data_config.name!r} (text features: "
+                     f"{', '.join(info.captions) or 'none'}).")
+  if hasattr(info.source, "VOCABULARY"):
+    return [" ".join(info.source.VOCABULARY)]
+  texts = (info.source[i][feature] for i in range(len(info.source)))
+  return [t.decode() if isinstance(t, bytes) else str(t) for t in texts]
+
+
 def create_numpy_iterator(data_config: Any, *, global_batch_size: int, seed: int,
-                          process_index: int = 0, process_count: int = 1) -> NumpyIterator:
+                          process_index: int = 0, process_count: int = 1,
+                          tokenizer: Any = None) -> NumpyIterator:
   """Returns this process's batches as host numpy (for tests, notebooks and evaluation).
 
   Process `process_index` of `process_count` gets its global_batch_size // process_count
-  examples of each global batch; with the defaults, the whole global batch.
+  examples of each global batch; with the defaults, the whole global batch. With
+  config.data.caption_feature, a tokenizer (prompts -> int32 ids [n, T]) turns each caption
+  into batch["tokens"], int32 [L, T].
   """
   validate_data_config(data_config, global_batch_size=global_batch_size,
                        process_count=process_count)
@@ -234,11 +267,16 @@ def create_numpy_iterator(data_config: Any, *, global_batch_size: int, seed: int
     raise ValueError(f"process_index={process_index!r} is not in [0, {process_count}).")
   info = sources.open_source(name=data_config.name, split=data_config.split,
                              data_dir=data_config.data_dir, image_size=data_config.image_size)
+  feature = caption_feature(data_config, info)
+  if feature is not None and tokenizer is None:
+    raise ValueError(f"config.data.caption_feature={feature!r} needs a text encoder's tokenizer "
+                     "(config.text.encoder).")
   batches = build_process_batches(
       info.source, image_size=data_config.image_size, resize=data_config.resize,
       random_flip=bool(data_config.random_flip), seed=seed,
       global_batch_size=global_batch_size, process_index=process_index,
-      process_count=process_count, has_label=info.has_label)
+      process_count=process_count, has_label=info.has_label,
+      caption=(feature, tokenizer) if feature is not None else None)
   logging.info("Data: %s split %r, %d examples, process %d of %d reads %d per batch of %d.",
                data_config.name, data_config.split, len(info.source), process_index,
                process_count, global_batch_size // process_count, global_batch_size)
@@ -249,7 +287,7 @@ def create_numpy_iterator(data_config: Any, *, global_batch_size: int, seed: int
 
 def create_dataset(data_config: Any, *, global_batch_size: int, seed: int,
                    mesh: jax.sharding.Mesh, process_index: int | None = None,
-                   process_count: int | None = None) -> Dataset:
+                   process_count: int | None = None, tokenizer: Any = None) -> Dataset:
   """Returns the training batches of config.data as sharded jax.Arrays, with a restorable state.
 
   Args:
@@ -258,11 +296,13 @@ def create_dataset(data_config: Any, *, global_batch_size: int, seed: int,
     seed: seeds the shuffle and the flips (config.seed).
     mesh: the batch dimension is split over all its devices (axes "data" and "fsdp").
     process_index, process_count: default to jax.process_index(), jax.process_count().
+    tokenizer: of the text encoder, for config.data.caption_feature (batch["tokens"]).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   validate_data_config(data_config, global_batch_size=global_batch_size,
                        process_count=process_count, mesh=mesh)
   host = create_numpy_iterator(data_config, global_batch_size=global_batch_size, seed=seed,
-                               process_index=process_index, process_count=process_count)
+                               process_index=process_index, process_count=process_count,
+                               tokenizer=tokenizer)
   return Dataset(host, mesh=mesh, prefetch=data_config.prefetch)

@@ -1,6 +1,7 @@
 """Per-example image preprocessing on the host: crop, resize, scale to [-1, 1], random flip."""
 
 import dataclasses
+from typing import Callable, Optional
 
 import grain
 import numpy as np
@@ -40,7 +41,7 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess(grain.transforms.Map):
-  """Turns a source example into {"image": float32 [S,S,C] in [-1, 1], "label": int32}.
+  """Turns a source example into {"image": float32 [S,S,C] in [-1, 1], "label": int32[, "tokens"]}.
 
   Attributes:
     image_size: output side S.
@@ -52,6 +53,8 @@ class Preprocess(grain.transforms.Map):
   image_size: int
   resize: str
   use_label: bool = True
+  # Text models: (feature, tokenizer) turns example[feature], a caption, into "tokens", int32 [T].
+  caption: Optional[tuple[str, Callable[[list[str]], np.ndarray]]] = None
 
   def map(self, example: dict) -> dict:
     image = np.asarray(example["image"])
@@ -62,7 +65,13 @@ class Preprocess(grain.transforms.Map):
     if image.shape[:2] != (self.image_size, self.image_size):
       image = resize_bilinear(image, self.image_size)
     label = example["label"] if self.use_label else 0
-    return {"image": to_model_range(image), "label": np.int32(label)}
+    out = {"image": to_model_range(image), "label": np.int32(label)}
+    if self.caption is not None:
+      feature, tokenize = self.caption
+      text = example[feature]
+      out["tokens"] = np.asarray(tokenize([text.decode() if isinstance(text, bytes) else str(text)]),
+                                 np.int32)[0]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

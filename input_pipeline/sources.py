@@ -25,6 +25,7 @@ from input_pipeline import preprocess
 
 DIGITS_SIZE = 8  # sklearn's digits are 8x8 ...
 DIGITS_MAX = 16.0  # ... with values 0..16.
+TWO_DIGITS_TRAIN = 1497  # two_digits' "train" canvases use sklearn's first 1497 digits, "test" the last 300.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class SourceInfo:
   num_classes: int  # 0 where the dataset has no class label.
   num_channels: int
   has_label: bool
+  captions: tuple[str, ...] = ()  # Features holding a caption (a string), for config.data.caption_feature.
 
 
 class DigitsSource:
@@ -76,6 +78,67 @@ def open_digits(*, split: str, data_dir: str | None, image_size: int) -> SourceI
   start, stop = (int(v) if v else None for v in match.groups(default=""))
   return SourceInfo(DigitsSource(image_size, slice(start, stop)), num_classes=10, num_channels=1,
                     has_label=True)
+
+
+class TwoDigitsSource:
+  """Two sklearn digits side by side on one canvas, captioned "a 3 left of a 7" (offline, deterministic).
+
+  Each digit is resized to half the canvas side and the pair is centred vertically, so the left and
+  right halves of an image_size canvas each hold one digit of image_size // 2 pixels, as
+  DigitsSource draws it at that size. Canvas i picks both digit images with a generator seeded by
+  (i, split); "train" draws them from sklearn's first TWO_DIGITS_TRAIN digits, "test" from the rest, so
+  the test canvases hold digit images no training canvas shows. Items: {"image": uint8 [S, S, 1],
+  "label": 10 * left + right, "caption": str}.
+  """
+
+  SPLITS = {"train": (slice(0, TWO_DIGITS_TRAIN), 20_000), "test": (slice(TWO_DIGITS_TRAIN, None), 2_000)}
+  VOCABULARY = ("a", "left", "of") + tuple(str(d) for d in range(10))  # Every word of every caption.
+
+  def __init__(self, image_size: int, split: str = "train"):
+    if image_size % 4:
+      raise ValueError(f"config.data.image_size={image_size} must be a multiple of 4 for two_digits "
+                       "(two digits of half its side, centred vertically).")
+    pool, self._size = self.SPLITS[split]
+    digits = DigitsSource(image_size // 2, pool)
+    self._images = np.stack([digits[i]["image"] for i in range(len(digits))])
+    self._labels = np.array([digits[i]["label"] for i in range(len(digits))])
+    self._split, self._image_size = split, image_size
+
+  def __len__(self) -> int:
+    return self._size
+
+  def pair(self, index: int) -> tuple[int, int]:
+    """The pool indices of canvas index's left and right digit images."""
+    rng = np.random.default_rng((index, list(self.SPLITS).index(self._split)))
+    left, right = rng.integers(0, len(self._labels), size=2)
+    return int(left), int(right)
+
+  def __getitem__(self, index: int) -> dict:
+    left, right = self.pair(index)
+    s, half = self._image_size, self._image_size // 2
+    image = np.zeros((s, s, 1), np.uint8)
+    image[half // 2:half // 2 + half, :half] = self._images[left]
+    image[half // 2:half // 2 + half, half:] = self._images[right]
+    a, b = int(self._labels[left]), int(self._labels[right])
+    return {"image": image, "label": 10 * a + b, "caption": caption(a, b)}
+
+  def __repr__(self) -> str:
+    return f"TwoDigitsSource(image_size={self._image_size}, split={self._split!r})"
+
+
+def caption(left: int, right: int) -> str:
+  """The caption of a two_digits canvas."""
+  return f"a {left} left of a {right}"
+
+
+def open_two_digits(*, split: str, data_dir: str | None, image_size: int) -> SourceInfo:
+  """The two_digits toy (TwoDigitsSource): splits "train" and "test"."""
+  del data_dir  # Unused.
+  if split not in TwoDigitsSource.SPLITS:
+    raise ValueError(f"config.data.split={split!r} is not one of {', '.join(TwoDigitsSource.SPLITS)} "
+                     "(the splits of two_digits).")
+  return SourceInfo(TwoDigitsSource(image_size, split), num_classes=100, num_channels=1, has_label=True,
+                    captions=("caption",))
 
 
 def prepare_command(name: str, data_dir: str | None) -> str:
@@ -133,12 +196,13 @@ def open_tfds(*, name: str, split: str, data_dir: str | None) -> SourceInfo:
   num_channels = features["image"].shape[-1]
   if num_channels is None:
     num_channels = np.asarray(source[0]["image"]).shape[-1]
+  captions = tuple(k for k, f in features.items() if isinstance(f, tfds.features.Text))
   return SourceInfo(source, num_classes=features["label"].num_classes if has_label else 0,
-                    num_channels=int(num_channels), has_label=has_label)
+                    num_channels=int(num_channels), has_label=has_label, captions=captions)
 
 
 # Sources that are not tfds datasets, by config.data.name; every other name goes to tfds.
-SOURCES: dict[str, Callable[..., SourceInfo]] = {"digits": open_digits}
+SOURCES: dict[str, Callable[..., SourceInfo]] = {"digits": open_digits, "two_digits": open_two_digits}
 
 
 def open_source(*, name: str, split: str, data_dir: str | None, image_size: int) -> SourceInfo:

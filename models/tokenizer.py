@@ -117,3 +117,32 @@ def load(directory: str, *, max_length: Optional[int] = None) -> Tokenizer:
   backend.enable_padding(length=length, pad_id=ids["pad_token"], pad_token=content("pad_token"))
   return Tokenizer(backend=backend, max_length=length, bos_id=ids["bos_token"], eos_id=ids["eos_token"],
                    pad_id=ids["pad_token"])
+
+
+# The special tokens of a word-level tokenizer built here, in id order (pad 0, eos 1, bos 2, unk 3); the
+# end token's id is not 2, which CLIPTextTransformer's pooling would read as "the largest id".
+WORD_SPECIALS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+
+
+def build_word_level(texts: Sequence[str], *, vocab_size: int, directory: str,
+                     max_length: int) -> Tokenizer:
+  """A word-level tokenizer of the texts' most frequent words, written to directory and loaded from it.
+
+  Lower case, split on whitespace and punctuation (tokenizers' Whitespace pre-tokenizer), one id per
+  word, unknown words to <unk>; vocab_size counts the four special tokens. directory receives
+  tokenizer.json and tokenizer_config.json, which `load` reads back (it must not exist yet).
+  """
+  if vocab_size <= len(WORD_SPECIALS):
+    raise ValueError(f"vocab_size={vocab_size} leaves no room for words beside the "
+                     f"{len(WORD_SPECIALS)} special tokens.")
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token=WORD_SPECIALS["unk_token"]))
+  backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  trainer = tokenizers.trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=1,
+                                                 special_tokens=list(WORD_SPECIALS.values()))
+  backend.train_from_iterator(texts, trainer=trainer)
+  os.makedirs(directory)
+  backend.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({**WORD_SPECIALS, "model_max_length": max_length}, f, indent=2)
+  return load(directory)

@@ -244,11 +244,11 @@ def test_prompt_errors_name_the_keys(tmp_path):
   config = default_config.get_config()
   config.sample.prompt = "a cat"
   with pytest.raises(ValueError, match=r"config\.sample\.prompt is given, but the model has no text conditioning"):
-    config_check.validate_text(config, context_width=None)
+    config_check.validate_prompts(config, context_width=None)
   config.model.name = "sd_unet"
   config.text.encoder = "enc"
   with pytest.raises(ValueError, match=r"width 1024, but config\.model\.sd_unet\.cross_attention_dim=768"):
-    config_check.validate_text(config, context_width=1024)
+    config_check.validate_prompts(config, context_width=1024)
   config.sample.prompt = None
   config.sample.prompts_file = str(tmp_path / "missing.txt")
   with pytest.raises(FileNotFoundError, match=r"config\.sample\.prompts_file=.*missing\.txt' does not exist"):

@@ -153,7 +153,8 @@ def _validate_process(diffusion: ml_collections.ConfigDict) -> None:
     _require(diffusion[key] > 0, f"config.diffusion.{key}={diffusion[key]} must be > 0.")
 
 
-def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int) -> None:
+def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int,
+                       text: bool = False) -> None:
   _choice("diffusion.schedule", diffusion.schedule, schedules.SCHEDULES)
   _require(diffusion.num_timesteps >= 0,
            f"config.diffusion.num_timesteps={diffusion.num_timesteps} must be >= 0 (0 = continuous time).")
@@ -162,9 +163,9 @@ def validate_diffusion(diffusion: ml_collections.ConfigDict, *, num_classes: int
   _choice("diffusion.loss_weighting", diffusion.loss_weighting, losses.WEIGHTINGS)
   _require(diffusion.min_snr_gamma > 0, f"config.diffusion.min_snr_gamma={diffusion.min_snr_gamma} must be > 0.")
   _require(0.0 <= diffusion.p_uncond <= 1.0, f"config.diffusion.p_uncond={diffusion.p_uncond} must be in [0, 1].")
-  _require(diffusion.p_uncond == 0 or num_classes > 0,
+  _require(diffusion.p_uncond == 0 or num_classes > 0 or text,
            f"config.diffusion.p_uncond={diffusion.p_uncond} needs a class-conditional model "
-           "(config.model.num_classes > 0).")
+           "(config.model.num_classes > 0) or a text model (config.text.encoder).")
   _require(not (diffusion.zero_terminal_snr and diffusion.prediction == "eps"),
            "config.diffusion.zero_terminal_snr=True needs config.diffusion.prediction='v' or 'x0': "
            "at SNR 0 the noise is the input and eps prediction cannot recover x0 (Lin et al. 2023, Sec. 3.2).")
@@ -244,6 +245,40 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
   _require(cm.teacher_guidance_scale == 1.0 or config.model.num_classes > 0,
            f"config.consistency.teacher_guidance_scale={cm.teacher_guidance_scale} guides a "
            "class-conditional teacher; config.model.num_classes is 0.")
+
+
+def validate_text(config: ml_collections.ConfigDict) -> None:
+  """config.text against the model and the data; a converted encoder's width is checked on loading."""
+  text, name = config.text, config.model.name
+  if text.encoder is None:
+    _require(name != "sd_unet", "config.model.name='sd_unet' reads cond['context']: set "
+             "config.text.encoder (a converted text encoder, or 'new') and config.data.caption_feature.")
+    _require(config.data.caption_feature is None, f"config.data.caption_feature="
+             f"{config.data.caption_feature!r} needs a text encoder: set config.text.encoder.")
+    return
+  _require(name == "sd_unet", f"config.text.encoder={text.encoder!r} conditions through cross-attention: "
+           f"config.model.name must be 'sd_unet', got {name!r}.")
+  _require(config.data.caption_feature is not None, f"config.text.encoder={text.encoder!r} trains on "
+           "captions: set config.data.caption_feature (e.g. 'caption' for config.data.name='two_digits').")
+  _require(isinstance(text.trainable, bool), f"config.text.trainable={text.trainable!r} is not one of False, True.")
+  if text.encoder != "new":
+    return
+  _require(text.trainable, "config.text.encoder='new' is trained from scratch: it needs "
+           "config.text.trainable=True (a frozen random encoder would be saved nowhere).")
+  _require(isinstance(text.max_length, int) and text.max_length >= 2, f"config.text.max_length="
+           f"{text.max_length!r} must be an integer >= 2 for config.text.encoder='new' (<bos>, <eos>).")
+  clip = text.clip
+  for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+    _require(isinstance(clip[key], int) and clip[key] > 0,
+             f"config.text.clip.{key}={clip[key]!r} must be a positive integer.")
+  _require(clip.vocab_size > 4, f"config.text.clip.vocab_size={clip.vocab_size} must exceed the 4 special "
+           "tokens (<pad>, <eos>, <bos>, <unk>).")
+  _require(clip.hidden_size % clip.num_attention_heads == 0, f"config.text.clip.num_attention_heads="
+           f"{clip.num_attention_heads} does not divide config.text.clip.hidden_size={clip.hidden_size}.")
+  dim = config.model.sd_unet.cross_attention_dim
+  _require(dim == clip.hidden_size, f"config.model.sd_unet.cross_attention_dim={dim} is not "
+           f"config.text.clip.hidden_size={clip.hidden_size}: the UNet's cross-attention reads the text "
+           "encoder's context.")
 
 
 def validate_autoencoder_loss(loss: ml_collections.ConfigDict, *, image_size: int) -> None:
@@ -360,7 +395,7 @@ def read_prompts(sample: ml_collections.ConfigDict) -> list[str] | None:
   return prompts
 
 
-def validate_text(config: ml_collections.ConfigDict, *, context_width: int | None) -> None:
+def validate_prompts(config: ml_collections.ConfigDict, *, context_width: int | None) -> None:
   """Prompts need a text encoder, whose width (None: no encoder) is the UNet's cross_attention_dim."""
   s = config.sample
   prompted = s.get("prompt") is not None or s.get("prompts_file") is not None
@@ -540,11 +575,16 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   if config.model.name == "autoencoder":
     validate_autoencoder_loss(config.autoencoder_loss, image_size=config.data.image_size)
   else:
-    validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+    validate_text(config)
+    validate_diffusion(config.diffusion, num_classes=config.model.num_classes,
+                       text=config.text.encoder is not None)
     validate_learned_variance(config)
   validate_distill(config)
   validate_optim(config.optim)
   validate_lora(config.lora, model_name=config.model.name)
+  _require(not (config.lora.rank and config.text.encoder is not None and config.text.trainable),
+           f"config.lora.rank={config.lora.rank} adapts a frozen base; config.text.trainable=True would "
+           "train the whole text encoder beside it: set config.text.trainable=False.")
   mesh_shape = validate_mesh(config.mesh, device_count=device_count)
   validate_training(config.training, device_count=device_count, mesh_shape=mesh_shape)
   if config.training.sample_every:  # Settings of a disabled feature do not block a run.

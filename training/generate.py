@@ -231,6 +231,8 @@ class Sampler:
     """
     if (image is None) != (mask is None):
       raise ValueError("image and mask go together (config.sample.image, config.sample.mask).")
+    if image is not None and cond is not None:
+      raise ValueError("Inpainting (config.sample.image) takes no cond: it is not for text models.")
     if image is None and self.concat_channels:
       raise ValueError("This model was trained for inpainting (config.diffusion.inpaint_training): "
                        "give config.sample.image and config.sample.mask.")

@@ -255,15 +255,20 @@ class RandomFlipMoments(grain.transforms.RandomMap):
 
 
 def create_dataset(config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                   mesh: jax.sharding.Mesh) -> input_pipeline.Dataset:
+                   mesh: jax.sharding.Mesh, tokenizer: Any = None) -> input_pipeline.Dataset:
   """The training batches: config.data's images, or with config.latent.cache its posterior moments.
+
+  tokenizer: a text model's (captions become batch["tokens"]); the cache holds no captions.
 
   The cache is read with input_pipeline's conventions: one global shuffle per epoch from the seed,
   process p reads its part of each batch, state {"step": k}.
   """
   if config.latent.get("cache") is None:
     return input_pipeline.create_dataset(config.data, global_batch_size=global_batch_size, seed=seed,
-                                         mesh=mesh)
+                                         mesh=mesh, tokenizer=tokenizer)
+  if tokenizer is not None:
+    raise ValueError(f"config.latent.cache={config.latent.cache!r} holds no captions: a text model "
+                     "(config.text.encoder) encodes each batch (config.latent.cache=None).")
   input_pipeline.validate_data_config(config.data, global_batch_size=global_batch_size,
                                       process_count=jax.process_count(), mesh=mesh)
   cache = config.latent.cache

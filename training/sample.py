@@ -109,7 +109,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   trained = run_lib.with_command_line(trained, config, sections=("sample",))
   space = spaces.space_for_run(trained, image_shape)
   text_encoder = text_lib.create_text_encoder(trained)
-  config_check.validate_text(trained, context_width=text_encoder.width if text_encoder else None)
+  config_check.validate_prompts(trained, context_width=text_encoder.width if text_encoder else None)
   image = mask = None
   if config.sample.image is not None or config.sample.mask is not None:
     image, mask = config_check.read_inpaint_files(config.sample, data_shape=space.data_shape)

@@ -211,12 +211,16 @@ def inpaint_concat(space: Space, frozen: Any, *, images: Array, mask: Array) -> 
 
 def make_condition(config: ml_collections.ConfigDict,
                    space: Space) -> Callable[[Any, dict[str, Array], Array], dict[str, Array]]:
-  """condition(frozen, batch, rng) -> cond of the train step: labels, and random masks if inpainting."""
+  """condition(frozen, batch, rng) -> cond of the train step: labels, a text model's caption tokens
+  (training/text.py turns them into cond["context"]), and random masks if inpainting."""
   num_classes = config.model.num_classes
   inpainting = config.diffusion.inpaint_training
+  text = config.get("text") is not None and config.text.encoder is not None
 
   def condition(frozen, batch, rng):
     cond = {"label": batch["label"]} if num_classes else {}
+    if text:
+      cond["tokens"] = batch["tokens"]
     if inpainting:
       images = batch["image"]
       b, h, w, _ = images.shape

@@ -30,6 +30,7 @@ from training import consistency
 from training import lora
 from training import progressive
 from training import spaces
+from training import text as text_lib
 from training import train_step as train_step_lib
 from training import writers
 
@@ -66,7 +67,8 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   model = models.create_model(config.model)
   schedule = train_lib.create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
-  init_state = _base_init(config, model=model, tx=tx, image_shape=image_shape)
+  text = text_lib.create_conditioning(config)  # None without config.text.encoder.
+  init_state = _base_init(config, model=model, tx=tx, image_shape=image_shape, text=text)
   encode = space.encode_batch if space is not None else None
   condition = spaces.make_condition(config, space) if space is not None else None
   params_fn = None
@@ -80,7 +82,7 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
       hparams=train_step_lib.DiffusionHParams.from_config(
           config.diffusion, learn_sigma=models.learns_variance(config.model)),
       num_classes=config.model.num_classes, ema_decay=config.optim.ema_decay, rng=rng,
-      encode=encode, condition=condition, params_fn=params_fn)
+      encode=encode, condition=condition, params_fn=params_fn, text=text)
   constants = None
   if mesh is not None and space is not None:
     constants = jax.device_put(space.params, NamedSharding(mesh, P()))
@@ -88,6 +90,9 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
       base = lora.load_base(config.lora.base, expected=base_shapes(config, image_shape=image_shape),
                             mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
       constants = {"space": constants, "base": base}
+    if text is not None:  # A frozen text encoder's params join the step's constants.
+      text_params = jax.device_put(text.frozen_params, NamedSharding(mesh, P()))
+      constants = {**(constants if adapters is not None else {"space": constants}), "text": text_params}
   sampled_params = None
   if adapters is not None:  # Merged once per grid, outside the sampler's program.
     sampled_params = lambda state: lora.merge_on_device(constants["base"], state.ema_params,
@@ -96,7 +101,7 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
       init_state=init_state, train_step=step, constants=constants,
       metric_names=("loss", "grad_norm"),
       visualise=sample_grids(config, model=model, schedule=schedule, mesh=mesh, image_shape=image_shape,
-                             space=space, sampled_params=sampled_params),
+                             space=space, sampled_params=sampled_params, text=text),
       image_tag="samples", png_prefix="train_step_")
 
 
@@ -104,29 +109,36 @@ def sample_grids(config: ml_collections.ConfigDict, *, model: Any, schedule: Any
                  mesh: Optional[jax.sharding.Mesh], image_shape: tuple[int, ...],
                  space: Optional[spaces.Space],
                  sampled_params: Optional[Callable[[Any], Any]] = None,
+                 text: Optional[text_lib.TextConditioning] = None,
                  ) -> Optional[Callable[[Any], tuple[np.ndarray, dict]]]:
   """state -> (a grid of config.sample.num images drawn from its EMA parameters, {}); None without a mesh
-  or with config.training.sample_every = 0. sampled_params(state) replaces state.ema_params (LoRA)."""
+  or with config.training.sample_every = 0. sampled_params(state) replaces state.ema_params (LoRA); a
+  text model draws the held-out captions' prompts."""
   from training import generate  # pylint: disable=g-import-not-at-top
 
   if mesh is None or not config.training.sample_every:
     return None
   sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
                                          image_shape=image_shape, space=space)
+  prompts = holdout_captions(config) if text is not None else None
 
   def visualise(state):
     params = state.ema_params if sampled_params is None else sampled_params(state)
-    images, _ = sampler.sample(params, seed=config.sample.seed, num=config.sample.num)
+    cond = null = None
+    if text is not None:
+      params, cond, null = text.sampling_inputs(params, prompts)
+    images, _ = sampler.sample(params, seed=config.sample.seed, num=config.sample.num, cond=cond,
+                               null=null)
     return writers.image_grid(images, cols=config.model.num_classes or None), {}
   return visualise
 
 
 def _base_init(config: ml_collections.ConfigDict, *, model: Any, tx: Any,
-               image_shape: tuple[int, ...]) -> Callable[[jax.Array], Any]:
-  """rng -> a fresh train state of the diffusion model's own parameters."""
+               image_shape: tuple[int, ...], text: Any = None) -> Callable[[jax.Array], Any]:
+  """rng -> a fresh train state of the diffusion model's own parameters (and a trainable text encoder's)."""
   return functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
                            num_classes=config.model.num_classes,
-                           concat_channels=spaces.concat_channels(config, image_shape))
+                           concat_channels=spaces.concat_channels(config, image_shape), text=text)
 
 
 def base_shapes(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...]) -> Any:
@@ -156,6 +168,18 @@ def holdout_images(config: ml_collections.ConfigDict) -> np.ndarray:
     raise ValueError(f"config.sample.num={config.sample.num} held-out images are more than the "
                      f"{len(images)} of config.data.holdout_split={data.split!r}.")
   return images.read(0, config.sample.num)[0].astype(np.float32) / 127.5 - 1.0
+
+
+def holdout_captions(config: ml_collections.ConfigDict) -> list[str]:
+  """The captions of the first config.sample.num examples of config.data.holdout_split (or split):
+  the prompts of a text model's sample grids during training."""
+  from input_pipeline import sources  # pylint: disable=g-import-not-at-top
+
+  split = config.data.get("holdout_split") or config.data.split
+  info = sources.open_source(name=config.data.name, split=split, data_dir=config.data.data_dir,
+                             image_size=config.data.image_size)
+  texts = [info.source[i][config.data.caption_feature] for i in range(min(config.sample.num, len(info.source)))]
+  return [t.decode() if isinstance(t, bytes) else str(t) for t in texts]
 
 
 def reconstruction_grid(inputs: np.ndarray, outputs: np.ndarray, *, cols: int = 8) -> np.ndarray:

@@ -26,6 +26,7 @@ from training import progressive
 from training import sharding
 from training import spaces
 from training import tasks
+from training import text as text_lib
 from training import train_step as train_step_lib
 from training import writers
 
@@ -120,9 +121,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_step_lib.Tra
   checkpoints.check_workdir(workdir)
   mesh = create_mesh(config.mesh)
   logging.info("Mesh: data %d x fsdp %d.", mesh.shape[sharding.DATA], mesh.shape[sharding.FSDP])
+  config = text_lib.prepare_tokenizer(config, workdir)
+  encoder = text_lib.create_text_encoder(config)
   # Images, or with config.latent.cache their posteriors, encoded once (--mode=encode).
   data = latent_cache.create_dataset(config, global_batch_size=config.training.batch_size,
-                                     seed=config.seed, mesh=mesh)
+                                     seed=config.seed, mesh=mesh,
+                                     tokenizer=encoder.tokenizer if encoder is not None else None)
   try:
     config_check.validate_against_data(config, num_classes=data.num_classes)
     config, space = _create_space(config, workdir, data=data, autoencoder=autoencoder)

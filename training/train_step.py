@@ -74,16 +74,24 @@ def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[optax.Gra
 
 
 def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-               image_shape: tuple[int, ...], num_classes: int, concat_channels: int = 0) -> TrainState:
+               image_shape: tuple[int, ...], num_classes: int, concat_channels: int = 0,
+               text: Any = None) -> TrainState:
   """Fresh parameters, their EMA copy and the optimizer state.
 
   concat_channels: extra input channels of cond["concat"] (SD-inpainting's mask + masked latents).
+  text: a text model's training/text.TextConditioning; a trainable encoder's params join the state's.
   """
   x = jnp.zeros((1, *image_shape), jnp.float32)
   cond = {"label": jnp.zeros((1,), jnp.int32)} if num_classes else {}
   if concat_channels:
     cond["concat"] = jnp.zeros((1, *image_shape[:-1], concat_channels), jnp.float32)
-  params = model.init(rng, x, jnp.zeros((1,)), cond, train=False)["params"]
+  if text is not None:
+    cond["context"] = jnp.zeros((1, text.encoder.max_length, text.encoder.width), jnp.float32)
+  model_rng, text_rng = jax.random.split(rng)
+  params = model.init(model_rng if text is not None else rng, x, jnp.zeros((1,)), cond,
+                      train=False)["params"]
+  if text is not None:
+    params = text.state_params(text_rng, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 
@@ -146,7 +154,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
                lr_fn: optax.Schedule, hparams: DiffusionHParams, num_classes: int,
                ema_decay: float, rng: jax.Array, encode: Encode | None = None,
                condition: Condition | None = None,
-               params_fn: Callable[[Any, Any], Any] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               params_fn: Callable[[Any, Any], Any] | None = None,
+               text: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the denoising loss; a non-finite loss or gradient leaves the state as it was.
 
   encode(frozen, images, rng) -> x0 maps the batch's images into the space the model diffuses in
@@ -156,7 +165,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   ones (guidance.null_cond), key by key. params_fn(frozen, state.params) -> the model's parameters
   (None: state.params; LoRA: the frozen base with the trained adapters merged, training/lora.py).
   The step's randomness is fold_in(rng, step), so a resumed run draws what an uninterrupted one would.
+
+  text (training/text.TextConditioning) makes it a text model's step: frozen then holds "text", a
+  frozen encoder's params, beside "space" (and a LoRA run's "base"); cond["tokens"] are dropped to the
+  empty prompt's and become cond["context"] inside the loss, so a trainable encoder (the state's
+  params[TEXT]) gets gradients.
   """
+  frozen_text = None
+  if text is not None:  # {"space", "text"} -> the space's; {"space", "base", "text"} -> LoRA's pair.
+    frozen_text = frozen["text"]
+    frozen = frozen["space"] if params_fn is None else {k: v for k, v in frozen.items() if k != "text"}
   rng = jax.random.fold_in(rng, state.step)
   t_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
   encode_rng, cond_rng = jax.random.split(jax.random.fold_in(rng, 1))
@@ -181,13 +199,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   else:
     cond = {"label": batch["label"]} if num_classes else {}
   drop = jax.random.uniform(label_rng, (batch_size,)) < hparams.p_uncond
-  cond = guidance.drop_cond(cond, null=guidance.null_cond(num_classes=num_classes,
-                                                          batch_size=batch_size), drop=drop)
+  null = guidance.null_cond(num_classes=num_classes, batch_size=batch_size,
+                            empty_prompt=None if text is None else text.empty_ids)
+  cond = guidance.drop_cond(cond, null=null, drop=drop)
 
   def loss_fn(params):
+    model_params, text_params = params, frozen_text
+    if text is not None:
+      model_params, text_params = text.split(params, frozen_text)
     if params_fn is not None:
-      params = params_fn(frozen, params)
-    output = model.apply({"params": params}, x_in, schedule.model_time(t), cond, train=True,
+      model_params = params_fn(frozen, model_params)
+    model_cond = cond if text is None else text.with_context(text_params, cond)
+    output = model.apply({"params": model_params}, x_in, schedule.model_time(t), model_cond, train=True,
                          rngs={"dropout": dropout_rng})
     if hparams.learn_sigma:  # The network's variances too: L_hybrid (Nichol & Dhariwal 2021, Eq. 16).
       output, v = learned_variance.split_output(output, learned=True)
