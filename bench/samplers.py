@@ -9,16 +9,22 @@ Deterministic samplers are scored by their distance to the probability-flow ODE'
 same noise (SciPy DOP853, rtol = atol = 1e-10, float64): the median over the points of |x - x_ODE|,
 and the root-mean-square over all points, where a path that ends in the wrong mode counts in full.
 "NFE to DDIM@100" is the NFE at which a sampler's RMS error falls to DDIM's at 100 steps (log-log
-interpolation). "+opt" rows sample on a grid optimised for that sampler and step count
-(diffusion/optimize_grid.py) against the ODE solutions of other starting points than the scored ones.
-On mixture2d, stochastic samplers are scored by the largest error in the mixture's weights, means and
-spreads recovered from their samples (sampling noise alone gives ~0.01-0.02).
+interpolation). A column n holds each sampler's run at the most steps within n model calls (Heun: 2
+steps - 1 calls). "+opt" rows sample on a grid optimised for that sampler and step count
+(diffusion/optimize_grid.py) against the ODE solutions of other starting points than the scored ones,
+started from the sampler's default grid and from the trailing grid, keeping the better fit. "@trailing"
+rows run our solver on diffusers' default grid. On mixture2d, stochastic samplers are scored by the
+largest error in the mixture's weights, means and spreads recovered from their samples (sampling noise
+alone gives ~0.01-0.02).
 
---peer runs diffusers' schedulers (DDIM, DPM-Solver++ 2M, UniPC bh2 of order 2 and 3, Euler and Heun
-with Karras sigmas; "trailing" spacing, which starts at t = 1 as ours) in the reference environment
-(requirements-reference.txt) on the same mixtures, noise and ODE solutions, in a worker process.
+--peer runs diffusers' schedulers (DDIM, DPM-Solver++ 2M and UniPC bh2 of order 2 and 3 on the
+"trailing" spacing, which starts at t = 1 as ours; DPM-Solver++ 2M on Lu et al.'s logSNR-uniform grid,
+ours; Euler and Heun on Karras sigmas between the schedule's ends) in the reference environment
+(requirements-reference.txt) on the same mixtures, noise and ODE solutions, in a worker process. The
+model sees the noise level the solver assumes (diffusers would round some timesteps for a network).
 
-  python bench/samplers.py [--quick] [--schedule discrete|continuous] [--peer --peer_python .venv-ref/bin/python]
+  python bench/samplers.py [--quick] [--problems mixture16d] [--num_points 512] [--schedule discrete|continuous]
+      [--peer --peer_python .venv-ref/bin/python]
 """
 
 from __future__ import annotations
