@@ -23,8 +23,8 @@ ours; Euler and Heun on Karras sigmas between the schedule's ends) in the refere
 (requirements-reference.txt) on the same mixtures, noise and ODE solutions, in a worker process. The
 model sees the noise level the solver assumes (diffusers would round some timesteps for a network).
 
-  python bench/samplers.py [--quick] [--problems mixture16d] [--num_points 512] [--schedule discrete|continuous]
-      [--peer --peer_python .venv-ref/bin/python]
+  python bench/samplers.py [--quick] [--problems mixture16d] [--num_points 512]
+      [--schedule discrete|continuous] [--peer --peer_python .venv-ref/bin/python]
 """
 
 from __future__ import annotations
@@ -234,14 +234,16 @@ def bench_problem(name: str, mix, *, schedule, steps_list, n_det, n_sto, peer_py
                    **errors(run(sampler, steps), reference)})
     result["samplers"][sampler] = {"grid": samplers.default_grid(sampler, schedule), "rows": rows}
   for sampler in ON_TRAILING:
-    rows = [{"steps": n, "nfe": n, **errors(run(sampler, n, grid="trailing"), reference)} for n in steps_list]
+    rows = [{"steps": n, "nfe": n, **errors(run(sampler, n, grid="trailing"), reference)}
+            for n in steps_list]
     result["samplers"][f"{sampler}@trailing"] = {"grid": "trailing", "rows": rows}
   fit_target = jnp.asarray(fit_reference, jnp.float32)
   for sampler in OPTIMIZED:
     rows = []
     for steps in OPTIMIZED_STEPS:
       # Gradients move paths within a mode, never across: start from the better of two grids on the fit set.
-      inits = [grids.make_grid(g, schedule, steps) for g in (samplers.default_grid(sampler, schedule), "trailing")]
+      inits = [grids.make_grid(g, schedule, steps)
+               for g in (samplers.default_grid(sampler, schedule), "trailing")]
       fits = [optimize_grid.optimize_grid(denoise_fn, sampler=sampler, schedule=schedule, steps=steps,
                                           x_T=x_fit, reference=fit_target, init_grid=g, num_iters=200)
               for g in inits]
