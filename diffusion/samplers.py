@@ -610,6 +610,12 @@ def num_evaluations(name: str, steps: int) -> int:
   return 2 * steps - 1 if name == "heun" else steps
 
 
+def max_steps(name: str, nfe: int) -> int:
+  """The most steps of sampler `name` within nfe model calls (Heun: (nfe + 1) // 2); at least 1."""
+  get_sampler(name)
+  return max([s for s in range(1, nfe + 1) if num_evaluations(name, s) <= nfe], default=1)
+
+
 def sample(name: str, denoise_fn: DenoiseFn, x_T: Array, rng: Array, *, schedule: schedules.Schedule,
            steps: int, grid: str | None = None, timesteps: Array | None = None, **options) -> Array:
   """x_0 from x_T with the sampler and grid named by config.sample; jittable, name/steps/grid static.

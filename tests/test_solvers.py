@@ -161,3 +161,33 @@ def test_digits_fd_classifier_same_seed_same_weights(metric, cache_dir):
   assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(c)[0])
   reloaded = digits_fd.DigitsFD.create(16, cache_dir=cache_dir)  # From the file the fixture wrote.
   assert reloaded.floor() == metric.floor()
+
+
+def test_max_steps_fills_the_nfe_budget():
+  assert [samplers.max_steps("heun", n) for n in (1, 2, 4, 8, 16, 50)] == [1, 1, 2, 4, 8, 25]
+  assert [samplers.max_steps("unipc3", n) for n in (1, 2, 50)] == [1, 2, 50]
+  for name in samplers.SAMPLERS:
+    for nfe in range(1, 20):
+      steps = samplers.max_steps(name, nfe)
+      assert samplers.num_evaluations(name, steps) <= nfe < samplers.num_evaluations(name, steps + 1)
+
+
+def test_nfe_to_match_interpolates_log_log_and_ignores_round_off():
+  from bench import samplers as bench_samplers  # pylint: disable=import-outside-toplevel
+
+  assert bench_samplers.nfe_to_reach([10, 100], [1e-1, 1e-3], 1e-2) == pytest.approx(10**1.5, rel=1e-3)
+  assert bench_samplers.nfe_to_reach([10, 100], [1e-1, 1e-3], 1e-4) is None
+  # The same algorithm in float32 may miss the target by round-off: it still reaches it.
+  assert bench_samplers.nfe_to_reach([50, 100], [0.3, 0.2100001], 0.21) == pytest.approx(100.0, rel=1e-3)
+
+
+def test_students_option_parsed_and_checked(tmp_path):
+  from bench import digits_fd as bench_fd  # pylint: disable=import-outside-toplevel
+
+  assert bench_fd.parse_student(f"pd={tmp_path}:ddim:1,2,4") == ("pd", str(tmp_path), "ddim", [1, 2, 4])
+  for spec, match in [(f"pd={tmp_path}:ddim", "NAME=WORKDIR:SAMPLER:STEPS"),
+                      (f"pd={tmp_path}:ddim:one", "NAME=WORKDIR:SAMPLER:STEPS"),
+                      (f"pd={tmp_path}/missing:ddim:1", "does not exist"),
+                      (f"pd={tmp_path}:dpm:1", "config.sample.sampler='dpm' is not one of")]:
+    with pytest.raises(ValueError, match=match):
+      bench_fd.parse_student(spec)
