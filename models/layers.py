@@ -1,5 +1,6 @@
 """UNet building blocks (Ho et al. 2020): time embedding, residual, attention, resampling."""
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -40,8 +41,109 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return next(g for g in range(upper, 0, -1) if channels % g == 0)
 
 
-def group_norm(channels: int, dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+def _group_sums(a: jax.Array, *, groups: int) -> jax.Array:
+  """[B, C] -> the sum over each channel's group, broadcast back to [B, C]."""
+  b, c = a.shape
+  sums = jnp.sum(a.reshape(b, groups, c // groups), axis=-1, keepdims=True)
+  return jnp.broadcast_to(sums, (b, groups, c // groups)).reshape(b, c)
+
+
+def _group_stats(x: jax.Array, *, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each group's shift, mean of x - shift and variance, [B, C] each (per channel), from one pass over x.
+
+  The shift is the group's first value, so that E[d^2] - E[d]^2 of d = x - shift does not cancel under a
+  large common offset of x (shifted data; Chan, Golub & LeVeque 1983).
+  """
+  b, c = x.shape[0], x.shape[-1]
+  first = jax.lax.stop_gradient(x.reshape(b, -1, groups, c // groups)[:, 0, :, :1])
+  shift = jnp.broadcast_to(first, (b, groups, c // groups)).reshape(b, c)
+  d = x.reshape(b, -1, c) - shift[:, None, :]
+  n = d.shape[1] * (c // groups)  # Elements per group.
+  mean = _group_sums(jnp.sum(d, axis=1), groups=groups) / n
+  var = jnp.maximum(_group_sums(jnp.sum(d * d, axis=1), groups=groups) / n - jnp.square(mean), 0.0)
+  return shift, mean, var
+
+
+def _spatial(a: jax.Array, ndim: int) -> jax.Array:
+  """[B, C] -> [B, 1, ..., 1, C] against an x of ndim dimensions."""
+  return a.reshape(a.shape[0], *([1] * (ndim - 2)), a.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float,
+                   silu: bool) -> jax.Array:
+  """GroupNorm (Wu & He 2018, Eq. 1-3) over channels-last x, in float32, optionally followed by SiLU.
+
+  One pass over x gives the statistics, one elementwise pass x * a + b (then SiLU) the output; the
+  gradient (a custom VJP) is one reduction over x and the output's cotangent and one elementwise pass.
+  """
+  return _group_norm_fwd(x, scale, bias, groups, epsilon, silu)[0]
+
+
+def _normalize(x32, shift, mean, a, bias):
+  """(x - shift - mean) a + bias: x - shift is exact for x near its group's first value."""
+  return ((x32 - _spatial(shift, x32.ndim)) - _spatial(mean, x32.ndim)) * _spatial(a, x32.ndim) + bias
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, silu):
+  x32 = x.astype(jnp.float32)
+  shift, mean, var = _group_stats(x32, groups=groups)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = _normalize(x32, shift, mean, rstd * scale.astype(jnp.float32), bias.astype(jnp.float32))
+  out = (y * jax.nn.sigmoid(y) if silu else y).astype(x.dtype)
+  return out, (x, scale, bias, shift, mean, rstd)
+
+
+def _group_norm_bwd(groups, epsilon, silu, residuals, g):
+  del epsilon
+  x, scale, bias, shift, mean, rstd = residuals
+  b, c = x.shape[0], x.shape[-1]
+  n = x.size // (b * c) * (c // groups)  # Elements per group.
+  x32, g32, gamma = x.astype(jnp.float32), g.astype(jnp.float32), scale.astype(jnp.float32)
+  if silu:  # d silu(y) / dy = s (1 + y (1 - s)), s = sigmoid(y); y recomputed from x.
+    y = _normalize(x32, shift, mean, rstd * gamma, bias.astype(jnp.float32))
+    s = jax.nn.sigmoid(y)
+    g32 = g32 * s * (1.0 + y * (1.0 - s))
+  # xc = x - group mean, x_hat = xc rstd. Per-channel sums of dL/dy and dL/dy xc (one pass), then the
+  # group means of dL/dx_hat and dL/dx_hat x_hat.
+  xc = (x32 - _spatial(shift, x.ndim)) - _spatial(mean, x.ndim)
+  flat = lambda a: a.reshape(b, -1, c)
+  c1 = jnp.sum(flat(g32), axis=1)
+  dgamma_bc = rstd * jnp.sum(flat(g32 * xc), axis=1)  # Sum over positions of dL/dy x_hat.
+  m1 = _group_sums(gamma * c1, groups=groups) / n
+  m2 = _group_sums(gamma * dgamma_bc, groups=groups) / n
+  # dL/dx = rstd (dL/dx_hat - m1 - x_hat m2) (Ioffe & Szegedy 2015, Sec. 3, over a group).
+  dx = (g32 * _spatial(rstd * gamma, x.ndim) - xc * _spatial(rstd * rstd * m2, x.ndim)
+        - _spatial(rstd * m1, x.ndim))
+  return (dx.astype(x.dtype), jnp.sum(dgamma_bc, axis=0).astype(scale.dtype),
+          jnp.sum(c1, axis=0).astype(bias.dtype))
+
+
+group_norm_act.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """nn.GroupNorm's parameters ("scale", "bias") and function, on group_norm_act: SiLU fused if silu."""
+
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  silu: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {c} channels.")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return group_norm_act(x.astype(self.dtype), scale, bias, self.num_groups, self.epsilon, self.silu)
+
+
+def group_norm(channels: int, dtype: Dtype, name: Optional[str] = None, *,
+               silu: bool = False) -> GroupNorm:
+  """The UNet's GroupNorm (DDPM: epsilon 1e-6), SiLU fused when silu."""
+  return GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype, silu=silu, name=name)
 
 
 def dropout(rng: jax.Array, x: jax.Array, rate: float) -> jax.Array:
@@ -114,7 +216,7 @@ class ResBlock(nn.Module):
     # train is positional so that nn.remat can mark it static (UNet.remat).
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = nn.silu(group_norm(in_ch, self.dtype, name="norm_0")(x))
+    h = group_norm(in_ch, self.dtype, name="norm_0", silu=True)(x)
     h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(), dtype=self.dtype, name="conv_0")(h)
 
     emb_out = nn.Dense(
@@ -123,10 +225,9 @@ class ResBlock(nn.Module):
     emb_out = emb_out[:, None, None, :]
     if self.scale_shift:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = group_norm(out_ch, self.dtype, name="norm_1")(h) * (1 + scale) + shift
+      h = nn.silu(group_norm(out_ch, self.dtype, name="norm_1")(h) * (1 + scale) + shift)
     else:
-      h = group_norm(out_ch, self.dtype, name="norm_1")(h + emb_out)
-    h = nn.silu(h)
+      h = group_norm(out_ch, self.dtype, name="norm_1", silu=True)(h + emb_out)
     h = Dropout(self.dropout)(h, deterministic=not train)
     h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(0.0), dtype=self.dtype, name="conv_1")(h)
 

@@ -106,7 +106,7 @@ class UNet(nn.Module):
                             name=f"up_{level}_upsample")(h)
     assert not hs, len(hs)
 
-    h = nn.silu(layers.group_norm(h.shape[-1], self.dtype, name="norm_out")(h))
+    h = layers.group_norm(h.shape[-1], self.dtype, name="norm_out", silu=True)(h)
     h = nn.Conv(x.shape[-1], (3, 3), kernel_init=layers.default_init(0.0), dtype=self.dtype,
                 name="conv_out")(h)
     return h.astype(x.dtype)

@@ -17,6 +17,7 @@ from diffusion import learned_variance
 from diffusion import losses
 from diffusion import parameterization
 from diffusion import schedules
+from training import adamw
 
 
 @flax.struct.dataclass
@@ -61,16 +62,12 @@ def learning_rate_schedule(*, learning_rate: float, warmup_steps: int) -> optax.
   return lambda step: learning_rate * jnp.minimum((step + 1) / warmup_steps, 1.0)
 
 
-def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation,
-                                                                        optax.Schedule]:
-  """Adam(W) with warm-up and global-norm clipping, from config.optim."""
+def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[adamw.AdamW, optax.Schedule]:
+  """Adam(W) with warm-up and global-norm clipping, from config.optim (optax's, and fused with the EMA)."""
   lr = learning_rate_schedule(learning_rate=optim_config.learning_rate,
                               warmup_steps=optim_config.warmup_steps)
-  adam = optax.adamw(lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                     weight_decay=optim_config.weight_decay)
-  if optim_config.grad_clip > 0:
-    adam = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
-  return adam, lr
+  return adamw.AdamW(lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                     weight_decay=optim_config.weight_decay, grad_clip=optim_config.grad_clip), lr
 
 
 def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
@@ -134,13 +131,19 @@ Condition = Callable[[Any, dict[str, jax.Array], jax.Array], dict[str, jax.Array
 
 
 def apply_if_finite(finite: jax.Array, state: TrainState, grads: Any, *,
-                    tx: optax.GradientTransformation, ema_decay: float) -> TrainState:
+                    tx: optax.GradientTransformation, ema_decay: float,
+                    grad_norm: jax.Array | None = None) -> TrainState:
   """The optimizer and EMA update of state by grads if finite, else state unchanged (step included).
 
   A lax.cond rather than a select of new against old state: the select read and wrote every parameter,
-  moment and EMA array once more, about 40% of the update's time on CPU (bench/optimizer.py).
+  moment and EMA array once more, about 40% of the update's time on CPU (bench/optimizer.py). AdamW
+  (create_optimizer) updates parameters, moments and EMA in one pass (adamw.AdamW.update_with_ema).
   """
   def update(state):
+    if isinstance(tx, adamw.AdamW):
+      params, opt_state, ema = tx.update_with_ema(state.params, grads, state.opt_state, state.ema_params,
+                                                  ema_decay=ema_decay, grad_norm=grad_norm)
+      return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params,
@@ -227,7 +230,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], frozen: Any = Non
   grad_norm = optax.global_norm(grads)
   # Refuse a non-finite update; the host sees finite=False and stops the run naming the step.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = apply_if_finite(finite, state, grads, tx=tx, ema_decay=ema_decay)
+  new_state = apply_if_finite(finite, state, grads, tx=tx, ema_decay=ema_decay,
+                              grad_norm=grad_norm)
   metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_fn(state.step),
              "finite": finite, "step": state.step}
   return new_state, metrics
