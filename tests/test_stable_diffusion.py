@@ -116,9 +116,9 @@ def _flat_shapes(module, *args):
           for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
 
 
-def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True, seed=0):
-  """A diffusers-format SD folder of tiny random components (16 px images, 8x8x4 latents), torch's
-  layout and names written with numpy (the converters' name tables read backwards)."""
+def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True, seed=0, channels=3):
+  """A diffusers-format SD folder of tiny random components (16 px images of the given channels, 8x8x4
+  latents), torch's layout and names written with numpy (the converters' name tables read backwards)."""
   rng = np.random.default_rng(seed)
   os.makedirs(folder)
   with open(os.path.join(folder, "model_index.json"), "w") as f:
@@ -140,9 +140,10 @@ def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True, seed=0
         _random_leaf(rng, f"{ours}/{leaf}", shapes[f"{ours}/{leaf}"]), kind)
             for ours, theirs, kind in table for leaf in leaf_names[kind]}
 
-  vae_config = test_autoencoder._diffusers_config(VAE)  # pylint: disable=protected-access
+  vae_config = dict(test_autoencoder._diffusers_config(VAE), in_channels=channels, out_channels=channels)  # pylint: disable=protected-access
   vae_kwargs = convert_diffusers_vae.module_kwargs(vae_config)
-  vae_shapes = _flat_shapes(autoencoder.AutoencoderKL(**vae_kwargs), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))
+  vae_shapes = _flat_shapes(autoencoder.AutoencoderKL(**vae_kwargs),
+                            jax.ShapeDtypeStruct((1, 16, 16, channels), np.float32))
   _save_component(os.path.join(folder, "vae"), module_weights(convert_diffusers_vae.name_table(vae_kwargs), vae_shapes),
                   vae_config, convert_diffusers_vae.WEIGHTS)
   text_config = dict(TEXT, model_type="clip_text_model", hidden_act="quick_gelu", layer_norm_eps=1e-5,

@@ -182,7 +182,8 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, task, init_rng)
   _write_config(workdir, config)
   if restored is None:
     state = jax.jit(task.init_state, out_shardings=state_shardings)(init_rng)
-    if config.model.get("pretrained") is not None:  # Params and EMA from converted weights at step 0.
+    # Params and EMA from converted weights at step 0; a LoRA run's state is adapters on config.lora.base.
+    if config.model.get("pretrained") is not None and not config.lora.rank:
       params = pretrained_params(config, target.params)
       state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
       logging.info("Parameters and EMA from config.model.pretrained=%s.", config.model.pretrained)
