@@ -56,7 +56,12 @@ def runs(tmp_path_factory):
   """(converted workdir, its files' digests before and after training, {"full" | "lora": (workdir,
   final state)}, the base's samples)."""
   root = tmp_path_factory.mktemp("sd_finetune")
-  folder = test_stable_diffusion.write_sd_folder(str(root / "diffusers"), channels=1)
+  # One level with cross-attention (and the middle block), one text layer: fewer ops to compile.
+  unet = dict(test_stable_diffusion.UNET, block_out_channels=(16,),
+              down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+  text = dict(test_stable_diffusion.TEXT, num_hidden_layers=1)
+  folder = test_stable_diffusion.write_sd_folder(str(root / "diffusers"), channels=1, unet=unet,
+                                                 text=text)
   converted = str(root / "sd")
   test_stable_diffusion.convert_stable_diffusion.convert(folder, converted)
   before = _digests(converted)
@@ -93,6 +98,7 @@ def test_lora_finetune_checkpoints_only_adapters(runs):
   _, unet = pretrained.load(os.path.join(converted, "unet"), kind="sd_unet")
   # The state (what checkpoints.save writes): rank-2 adapters on the attention projections, no base.
   leaves = _flat(state.params)
+  # 4 transformer blocks (down, middle, 2 up), each attn1 and attn2 with q, k, v, out: A and B of 32.
   assert len(leaves) == 2 * len(lora.target_paths(unet, lora.UNET_TARGETS)) == 2 * 32
   for key, value in leaves.items():
     assert value.shape[-1 if key.endswith("['lora_A']") else 0] == 2, key
