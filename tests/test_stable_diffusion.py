@@ -116,15 +116,16 @@ def _flat_shapes(module, *args):
           for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
 
 
-def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True, seed=0):
-  """A diffusers-format SD folder of tiny random components (16 px images, 8x8x4 latents), torch's
-  layout and names written with numpy (the converters' name tables read backwards)."""
+def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True, seed=0, channels=3, unet=UNET,
+                    text=TEXT):
+  """A diffusers-format SD folder of tiny random components (16 px images of the given channels, 8x8x4
+  latents), torch's layout and names written with numpy (the converters' name tables read backwards)."""
   rng = np.random.default_rng(seed)
   os.makedirs(folder)
   with open(os.path.join(folder, "model_index.json"), "w") as f:
     json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
   # unet/: the table lists every parameter with diffusers' full key.
-  unet_config = dict(UNET, _class_name="UNet2DConditionModel", sample_size=8)
+  unet_config = dict(unet, _class_name="UNet2DConditionModel", sample_size=8)
   kwargs = convert_diffusers_unet.module_kwargs(unet_config)
   shapes = convert_diffusers_unet.parameter_shapes(kwargs)
   weights = {theirs: _torch_layout(_random_leaf(rng, ours, shapes[ours]), kind)
@@ -140,12 +141,13 @@ def write_sd_folder(folder, *, scheduler=SD15_SCHEDULER, hub_prefix=True, seed=0
         _random_leaf(rng, f"{ours}/{leaf}", shapes[f"{ours}/{leaf}"]), kind)
             for ours, theirs, kind in table for leaf in leaf_names[kind]}
 
-  vae_config = test_autoencoder._diffusers_config(VAE)  # pylint: disable=protected-access
+  vae_config = dict(test_autoencoder._diffusers_config(VAE), in_channels=channels, out_channels=channels)  # pylint: disable=protected-access
   vae_kwargs = convert_diffusers_vae.module_kwargs(vae_config)
-  vae_shapes = _flat_shapes(autoencoder.AutoencoderKL(**vae_kwargs), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))
+  vae_shapes = _flat_shapes(autoencoder.AutoencoderKL(**vae_kwargs),
+                            jax.ShapeDtypeStruct((1, 16, 16, channels), np.float32))
   _save_component(os.path.join(folder, "vae"), module_weights(convert_diffusers_vae.name_table(vae_kwargs), vae_shapes),
                   vae_config, convert_diffusers_vae.WEIGHTS)
-  text_config = dict(TEXT, model_type="clip_text_model", hidden_act="quick_gelu", layer_norm_eps=1e-5,
+  text_config = dict(text, model_type="clip_text_model", hidden_act="quick_gelu", layer_norm_eps=1e-5,
                      bos_token_id=0, eos_token_id=2, pad_token_id=1)
   text_kwargs = convert_clip.module_kwargs(text_config)
   weights = module_weights(convert_clip.name_table(text_kwargs), convert_clip.expected_shapes(text_kwargs))

@@ -47,7 +47,8 @@ def _pretrained_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     raise ValueError(f"config.model.pretrained={config.model.pretrained!r} is sampled without a checkpoint "
                      f"for config.model.name='sd_unet' only, not {config.model.name!r}.")
   config_check.validate_latent(config)
-  config_check.validate_diffusion(config.diffusion, num_classes=config.model.num_classes)
+  config_check.validate_diffusion(config.diffusion, num_classes=config.model.num_classes,
+                                  text=config.text.encoder is not None)
   factor, channels = 1, config.model.sd_unet.in_channels
   if config.latent.autoencoder is not None:
     factor = spaces.load_autoencoder(config.latent.autoencoder)[0].downsampling_factor

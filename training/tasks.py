@@ -136,9 +136,11 @@ def sample_grids(config: ml_collections.ConfigDict, *, model: Any, schedule: Any
 def _base_init(config: ml_collections.ConfigDict, *, model: Any, tx: Any,
                image_shape: tuple[int, ...], text: Any = None) -> Callable[[jax.Array], Any]:
   """rng -> a fresh train state of the diffusion model's own parameters (and a trainable text encoder's)."""
+  context_width = config.model.sd_unet.cross_attention_dim if config.model.name == "sd_unet" else 0
   return functools.partial(train_step_lib.init_state, model=model, tx=tx, image_shape=image_shape,
                            num_classes=config.model.num_classes,
-                           concat_channels=spaces.concat_channels(config, image_shape), text=text)
+                           concat_channels=spaces.concat_channels(config, image_shape), text=text,
+                           context_width=context_width)
 
 
 def base_shapes(config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...]) -> Any:

@@ -65,6 +65,26 @@ def pretrained_params(config: ml_collections.ConfigDict, target: Any) -> Any:
   return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), params, target)
 
 
+def pretrained_state(config: ml_collections.ConfigDict, target: Any, *, init_state: Any,
+                     init_rng: jax.Array) -> train_step_lib.TrainState:
+  """The step-0 state of a run from config.model.pretrained: its params and EMA, fresh optimizer state.
+
+  The model's random initialisation is neither compiled nor run (for a large UNet, the longest part of
+  a start), except with a trainable text encoder, whose converted weights init_state puts in the state.
+  """
+  shardings = jax.tree.map(lambda s: s.sharding, target)
+  if config.text.encoder is not None and config.text.trainable:
+    state = jax.jit(init_state, out_shardings=shardings)(init_rng)
+    params = {**state.params, text_lib.MODEL: pretrained_params(config, target.params[text_lib.MODEL])}
+  else:
+    params = pretrained_params(config, target.params)
+  tx, _ = train_step_lib.create_optimizer(config.optim)
+  return train_step_lib.TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop reads between steps (saved, then a clean exit)."""
 
@@ -181,11 +201,12 @@ def _train(config, workdir, *, manager, data, mesh, image_shape, task, init_rng)
                                  image_shape=image_shape)
   _write_config(workdir, config)
   if restored is None:
-    state = jax.jit(task.init_state, out_shardings=state_shardings)(init_rng)
-    if config.model.get("pretrained") is not None:  # Params and EMA from converted weights at step 0.
-      params = pretrained_params(config, target.params)
-      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+    # A LoRA run's state is adapters on config.lora.base; config.model.pretrained starts the others.
+    if config.model.get("pretrained") is not None and not config.lora.rank:
+      state = pretrained_state(config, target, init_state=task.init_state, init_rng=init_rng)
       logging.info("Parameters and EMA from config.model.pretrained=%s.", config.model.pretrained)
+    else:
+      state = jax.jit(task.init_state, out_shardings=state_shardings)(init_rng)
     logging.info("Initialised %s parameters.", f"{models.count_params(state.params):,}")
   else:
     state, step = restored

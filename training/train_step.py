@@ -72,11 +72,13 @@ def create_optimizer(optim_config: ml_collections.ConfigDict) -> tuple[adamw.Ada
 
 def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
                image_shape: tuple[int, ...], num_classes: int, concat_channels: int = 0,
-               text: Any = None) -> TrainState:
+               text: Any = None, context_width: int = 0) -> TrainState:
   """Fresh parameters, their EMA copy and the optimizer state.
 
   concat_channels: extra input channels of cond["concat"] (SD-inpainting's mask + masked latents).
   text: a text model's training/text.TextConditioning; a trainable encoder's params join the state's.
+  context_width: without text, the width of a cross-attention model's cond["context"] (the shapes of a
+  LoRA run's base, whose frozen encoder adds no parameters); 0 for a model that reads none.
   """
   x = jnp.zeros((1, *image_shape), jnp.float32)
   cond = {"label": jnp.zeros((1,), jnp.int32)} if num_classes else {}
@@ -84,6 +86,8 @@ def init_state(rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransforma
     cond["concat"] = jnp.zeros((1, *image_shape[:-1], concat_channels), jnp.float32)
   if text is not None:
     cond["context"] = jnp.zeros((1, text.encoder.max_length, text.encoder.width), jnp.float32)
+  elif context_width:
+    cond["context"] = jnp.zeros((1, 1, context_width), jnp.float32)
   model_rng, text_rng = jax.random.split(rng)
   params = model.init(model_rng if text is not None else rng, x, jnp.zeros((1,)), cond,
                       train=False)["params"]
