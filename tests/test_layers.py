@@ -59,7 +59,7 @@ def test_fused_group_norm_matches_two_pass_float64_and_its_gradient(offset):
   silu_ref = ref / (1.0 + np.exp(-ref))
   assert np.max(np.abs(fused(x, scale, bias, groups, 1e-6, True) - silu_ref)) < 1e-5
 
-  # The custom VJP against the closed-form gradient in float64 (any offset) and against autodiff of a
+  # The gradient against the closed-form one in float64 (any offset) and against autodiff of a
   # two-pass float32 GroupNorm (no offset: with one, the float32 two-pass is the less accurate).
   xg = np.asarray(x, np.float64).reshape(2, -1, groups, 2)
   mean = xg.mean(axis=(1, 3), keepdims=True)
@@ -75,6 +75,12 @@ def test_fused_group_norm_matches_two_pass_float64_and_its_gradient(offset):
   got = loss(lambda *a: layers.group_norm_act(*a, groups, 1e-6, True))(x, scale, bias)
   for g, r in zip(got, want):
     assert np.max(np.abs(g - r)) < 1e-6 * np.max(np.abs(r)) + 1e-7, np.max(np.abs(g - r))
+
+  # Forward mode too (the likelihood's ODE takes jvps of the network): <w, J v> = <J^T w, v>.
+  v = jax.random.normal(jax.random.key(7), shape)
+  _, jv = jax.jvp(lambda x: layers.group_norm_act(x, scale, bias, groups, 1e-6, True), (x,), (v,))
+  np.testing.assert_allclose(np.sum(np.float64(w) * np.float64(jv)), np.sum(np.float64(got[0]) * np.float64(v)),
+                             rtol=1e-4)
 
   def two_pass(x, scale, bias):
     xg = x.reshape(2, -1, groups, 2)

@@ -147,7 +147,7 @@ def apply_if_finite(finite: jax.Array, state: TrainState, grads: Any, *,
     if isinstance(tx, adamw.AdamW):
       params, opt_state, ema = tx.update_with_ema(state.params, grads, state.opt_state, state.ema_params,
                                                   ema_decay=ema_decay, grad_norm=grad_norm)
-      return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+      return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state.replace(step=state.step + 1, params=params,
