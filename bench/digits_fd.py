@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
   if args.nfe:
     if not args.workdir:
       parser.error("--nfe needs --workdir")
-    names = list(samplers.SAMPLERS) if args.samplers in (None, "all") else args.samplers.split(",")
+    # "all": every sampler of a diffusion model (the consistency sampler draws only consistency models).
+    names = ([n for n in samplers.SAMPLERS if n != "consistency"] if args.samplers in (None, "all")
+             else args.samplers.split(","))
     for name in names:
       samplers.get_sampler(name)
     students = [parse_student(spec) for spec in args.students]
