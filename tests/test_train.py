@@ -21,8 +21,10 @@ import input_pipeline
 import models
 from configs import tiny
 from models import pretrained
+from scripts import convert_stable_diffusion
 from training import checkpoints
 from training import config_check
+from training import progressive
 from training import train as train_lib
 from training import train_step as train_step_lib
 
@@ -185,7 +187,7 @@ BAD_VALUES = [
     ("model.unet.num_heads", 3, r"config\.model\.unet\.num_heads=3"),
     ("model.unet.dropout", 1.5, r"config\.model\.unet\.dropout"),
     ("model.num_classes", -1, r"config\.model\.num_classes"),
-    ("diffusion.schedule", "sqrt", r"config\.diffusion\.schedule='sqrt' is not one of linear, cosine"),
+    ("diffusion.schedule", "sqrt", r"config\.diffusion\.schedule='sqrt' is not one of linear, scaled_linear, cosine"),
     ("diffusion.num_timesteps", -5, r"config\.diffusion\.num_timesteps"),
     ("diffusion.prediction", "score", r"config\.diffusion\.prediction='score' is not one of eps, x0, v"),
     ("diffusion.loss_weighting", "p2", r"config\.diffusion\.loss_weighting"),
@@ -228,12 +230,58 @@ SHIPPED_CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.joi
 
 
 # The downsampling factor of the autoencoder each latent config is written for (its docstring).
-LATENT_FACTORS = {"celeba64_latent": 8, "digits_latent": 4, "imagenet256_dit": 8}
+LATENT_FACTORS = {"celeba64_latent": 8, "digits_latent": 4, "imagenet256_dit": 8, "stable_diffusion": 8}
+
+# Stable Diffusion 1.5's own JSON files (runwayml/stable-diffusion-v1-5), as the converter reads them.
+SD15_JSON = {
+    "model_index.json": {"_class_name": "StableDiffusionPipeline"},
+    "unet/config.json": {
+        "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False, "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "downsample_padding": 1,
+        "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+        "sample_size": 64, "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3},
+    "vae/config.json": {
+        "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+        "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+        "up_block_types": ["UpDecoderBlock2D"] * 4},
+    "scheduler/scheduler_config.json": {
+        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None},
+}
+
+
+# What the command line adds to a config that names its data or teacher there (its docstring, README).
+COMMAND_LINES = {
+    "digits_distill": {"distill.teacher": "TMP", "distill.student_steps": 32},
+    "stable_diffusion": {"data.caption_feature": "caption", "training.batch_size": 8},  # Fine-tuning.
+}
+
+
+def _shipped_config(name, tmp_path):
+  """configs/NAME.py's config as training sees it; the paths it names (a teacher, an SD workdir) in tmp_path."""
+  if name == "stable_diffusion":
+    folder, workdir = tmp_path / "sd15", tmp_path / "converted"
+    for path, content in SD15_JSON.items():
+      (folder / path).parent.mkdir(parents=True, exist_ok=True)
+      (folder / path).write_text(json.dumps(content))
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(convert_stable_diffusion.run_config(str(folder), str(workdir))))
+    config = importlib.import_module(f"configs.{name}").get_config(str(workdir))
+  else:
+    config = importlib.import_module(f"configs.{name}").get_config()
+  for key, value in COMMAND_LINES.get(name, {}).items():
+    section, field = key.split(".")
+    config[section][field] = str(tmp_path) if value == "TMP" else value
+  return progressive.with_student_sampler(config)  # As training does first.
 
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
-def test_shipped_configs_run_on_1_2_4_and_8_devices(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+def test_shipped_configs_run_on_1_2_4_and_8_devices(name, tmp_path):
+  config = _shipped_config(name, tmp_path)
   assert (config.latent.autoencoder is not None) == (name in LATENT_FACTORS)
   for devices in (1, 2, 4, 8):
     config_check.validate_config(config, device_count=devices, process_count=1,
