@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from configs import default
 import input_pipeline
 from input_pipeline import preprocess
+from models import tokenizer as tokenizer_lib
 
 NUM_DEVICES = 8
 
@@ -112,6 +113,40 @@ def test_tfds_without_labels_gives_zero_labels_and_crops():
   assert it.num_classes == 0
   assert batch["image"].shape == (4, 8, 8, 3)  # 218x178 -> centred 178x178 -> 8x8.
   np.testing.assert_array_equal(batch["label"], np.zeros(4, np.int32))
+
+
+class CaptionedImages(tfds.core.GeneratorBasedBuilder):
+  """A captioned image dataset's shape (image + Text caption), as a user's own tfds dataset has it."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"image": tfds.features.Image(shape=(12, 12, 3)), "caption": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    yield from ()
+
+
+def test_tfds_caption_feature_is_tokenised_into_each_example(tmp_path):
+  config = _data_config(name="captioned_images", image_size=8, caption_feature="caption", random_flip=False)
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    captions = input_pipeline.read_captions(config)
+    tokenizer = tokenizer_lib.build_word_level(captions, vocab_size=1000, directory=str(tmp_path / "tok"),
+                                               max_length=16)
+    it = input_pipeline.create_numpy_iterator(config, global_batch_size=4, seed=0, tokenizer=tokenizer)
+    batch = next(it)
+    with pytest.raises(ValueError, match=r"config.data.caption_feature='caption' needs a text encoder's tokenizer"):
+      input_pipeline.create_numpy_iterator(config, global_batch_size=4, seed=0)
+  assert len(captions) == 12 and len(set(captions)) > 1  # Mock captions: random strings.
+  assert (it.num_classes, batch["image"].shape, batch["tokens"].shape) == (0, (4, 8, 8, 3), (4, 16))
+  assert batch["tokens"].dtype == np.int32
+  every = {tuple(row) for row in tokenizer(captions)}  # Each example's tokens are its own caption's.
+  assert all(tuple(row) in every for row in batch["tokens"])
+  assert len({tuple(row) for row in batch["tokens"]}) > 1
 
 
 def test_center_crop_and_resize_differ_on_a_wide_image():
