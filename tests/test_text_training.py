@@ -20,6 +20,7 @@ from models import clip
 from models import pretrained
 from models import tokenizer as tokenizer_lib
 from training import config_check
+from training import sample as sample_lib
 from training import spaces
 from training import tasks
 from training import text as text_lib
@@ -135,6 +136,23 @@ def test_a_trainable_encoder_is_trained_with_the_model_and_sampled_from_its_ema(
   assert np.abs(context[0] - context[1]).max() > 1e-3
   expected = text.encoder.encode(state.ema_params[text_lib.TEXT], text.encoder.tokenize("a 3 left of a 7"))
   np.testing.assert_allclose(context[:1], expected, atol=1e-5)
+
+
+def test_mode_sample_draws_prompts_with_the_runs_trained_encoder(trained):
+  workdir, config, state = trained
+  config = config.copy_and_resolve_references()
+  config.sample.update(prompt="a 3 left of a 7", negative_prompt="a 7 left of a 3", steps=2, num=4,
+                       batch_size=4, guidance_scale=2.0)
+  path = sample_lib.sample(config, workdir)
+  npz = np.load(path + ".npz")
+  assert npz["images"].shape == (4, 8, 8, 1) and np.all(np.isfinite(npz["images"]))
+  assert list(npz["prompts"]) == ["a 3 left of a 7"] * 4
+  # The state's EMA encoder gave the contexts (a "new" encoder has no other weights).
+  text = text_lib.create_conditioning(train_lib.checkpoints.restore_config(workdir))
+  _, cond, null = text.sampling_inputs(state.ema_params, ["a 3 left of a 7"], negative_prompt="a 7 left of a 3",
+                                       num=4)
+  assert cond["context"].shape == (4, 8, 16) and null["context"].shape == (8, 16)
+  np.testing.assert_array_equal(cond["context"][0], cond["context"][3])
 
 
 def test_a_frozen_encoder_stays_out_of_the_state_and_bitwise_equal(tmp_path):

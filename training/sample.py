@@ -109,8 +109,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   # The checkpoint's own model, schedule and space; the sampling settings of the command line.
   trained = run_lib.with_command_line(trained, config, sections=("sample",))
   space = spaces.space_for_run(trained, image_shape)
-  text_encoder = text_lib.create_text_encoder(trained)
-  config_check.validate_prompts(trained, context_width=text_encoder.width if text_encoder else None)
+  encoder = text_lib.create_text_encoder(trained)
+  config_check.validate_prompts(trained, context_width=encoder.width if encoder else None)
+  text = text_lib.create_conditioning(trained, encoder)
   image = mask = None
   if config.sample.image is not None or config.sample.mask is not None:
     image, mask = config_check.read_inpaint_files(config.sample, data_shape=space.data_shape)
@@ -119,9 +120,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   s, o = trained.sample, sampler.options  # o: after config.sample.preset.
   start = time.perf_counter()
   cond = null = None
-  if text_encoder is not None:
+  if text is not None:  # The run's own encoder: a trained one's EMA weights, else the converted ones.
     prompts = prompts or [""]
-    cond, null = text_encoder.prompt_cond(prompts, negative_prompt=s.negative_prompt, num=s.num)
+    params, cond, null = text.sampling_inputs(params, prompts, negative_prompt=s.negative_prompt, num=s.num)
   images, labels = sampler.sample(params, seed=s.seed, num=s.num, image=image, mask=mask, cond=cond,
                                   null=null)
   seconds = time.perf_counter() - start
@@ -137,7 +138,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   if source != "pretrained":
     settings["checkpoint_step"] = step
   extra = {}
-  if text_encoder is not None:
+  if text is not None:
     settings.update(prompts=prompts, negative_prompt=s.negative_prompt)
     extra["prompts"] = np.array([prompts[i % len(prompts)] for i in range(len(images))])
   if jax.process_index() == 0:
@@ -145,7 +146,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     with open(path + ".npz.tmp", "wb") as f:
       np.savez(f, images=images, labels=labels, settings=json.dumps(settings), **extra)
     os.replace(path + ".npz.tmp", path + ".npz")
-    cols = len(prompts) if text_encoder is not None and len(prompts) > 1 else trained.model.num_classes
+    cols = len(prompts) if text is not None and len(prompts) > 1 else trained.model.num_classes
     writers.save_png(path + ".png", writers.image_grid(images, cols=cols or None),
                      metadata=png_metadata(settings))
   logging.info("Drew %d images with %s, %d steps, in %.1f s: %s.{npz,png}", len(images), o.sampler,

@@ -62,12 +62,15 @@ class TextEncoder:
     """cond["context"] [B, max_length, width] of the ids."""
     return self.module.apply({"params": params}, ids, clip_skip=self.clip_skip).last_hidden_state
 
-  def prompt_cond(self, prompts: Sequence[str], *, negative_prompt: str = "",
-                  num: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  def prompt_cond(self, prompts: Sequence[str], *, negative_prompt: str = "", num: int,
+                  params: Any = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(cond {"context": [num, L, width]}, image i's of prompts[i % len(prompts)]; null {"context":
-    [L, width]}, the negative prompt's: guidance's unconditional half) for generate.Sampler.sample."""
+    [L, width]}, the negative prompt's: guidance's unconditional half) for generate.Sampler.sample.
+
+    params: the encoder's (default: its own, a converted encoder's weights).
+    """
     ids = self.tokenize(list(prompts) + [negative_prompt])
-    context = np.asarray(jax.device_get(jax.jit(self.encode)(self.params, ids)))
+    context = np.asarray(jax.device_get(jax.jit(self.encode)(self.params if params is None else params, ids)))
     return {"context": context[np.arange(num) % len(prompts)]}, {"context": context[-1]}
 
 
@@ -187,23 +190,28 @@ class TextConditioning:
     cond["context"] = self.encoder.encode(text_params, cond.pop("tokens"))
     return cond
 
-  def sampling_inputs(self, params: Any, prompts: Sequence[str]) -> tuple[Any, dict, dict]:
-    """(model params, cond {"context": [n, T, D]}, null {"context": [T, D]}) for Sampler.sample.
+  def sampling_inputs(self, params: Any, prompts: Sequence[str], *, negative_prompt: str = "",
+                      num: Optional[int] = None) -> tuple[Any, dict, dict]:
+    """(model params, cond {"context": [num, T, D]}, null {"context": [T, D]}) for Sampler.sample.
 
-    params: the state's (EMA) params; the null is the empty prompt's context, guidance's other half.
+    params: the state's (EMA) params, so a trained encoder samples with its own weights; image i has
+    prompts[i % len(prompts)] (num defaults to one image per prompt); the null is the negative prompt's
+    context (default the empty prompt's), guidance's other half.
     """
     model_params, text_params = self.split(params, self.frozen_params)
-    ids = self.encoder.tokenize(list(prompts) + [""])
-    context = jax.jit(self.encoder.encode)(text_params, ids)
-    return model_params, {"context": context[:-1]}, {"context": context[-1]}
+    cond, null = self.encoder.prompt_cond(prompts, negative_prompt=negative_prompt,
+                                          num=len(prompts) if num is None else num, params=text_params)
+    return model_params, cond, null
 
 
-def create_conditioning(config: ml_collections.ConfigDict) -> Optional[TextConditioning]:
-  """The TextConditioning of config.text, or None without a text encoder.
+def create_conditioning(config: ml_collections.ConfigDict,
+                        encoder: Optional[TextEncoder] = None) -> Optional[TextConditioning]:
+  """The TextConditioning of config.text (its encoder: `encoder` if given, else created), or None
+  without a text encoder.
 
   Checks, before anything compiles, that the UNet's cross_attention_dim is the encoder's width.
   """
-  encoder = create_text_encoder(config)
+  encoder = encoder or create_text_encoder(config)
   if encoder is None:
     return None
   dim = config.model.sd_unet.cross_attention_dim
