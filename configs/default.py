@@ -153,6 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
   lora.rank = 0  # > 0: train only rank-r adapters on a frozen base (config.lora.base); 0 trains the whole model.
   lora.alpha = ml_collections.config_dict.placeholder(float)  # Adapter scale alpha / rank; None = rank (scale 1, as diffusers' LoRA scripts).
   lora.targets = (r"attn[12]/(to_q|to_k|to_v|to_out_0)$",)  # Regexes (re.search) over kernel paths 'a/b/c' that get adapters; default: the SD UNet's attention projections.
+  lora.text_targets = ()  # Regexes over the frozen text encoder's kernel paths that get adapters too, e.g. (r"self_attn/(q_proj|k_proj|v_proj|out_proj)$",) (training/lora.py TEXT_TARGETS); () = the UNet alone.
   lora.base = ml_collections.config_dict.placeholder(str)  # rank > 0: the frozen base, a converted model directory (scripts/convert_diffusers_unet.py) or a trained workdir (its EMA params).
   lora.load = ml_collections.config_dict.placeholder(str)  # --mode=sample: a LoRA .safetensors (diffusers/PEFT or kohya) merged into the weights before sampling; None = none.
   lora.scale = 1.0  # Multiplies the loaded file's adapters (its own alpha / rank included); 0 = the base model.

@@ -3,6 +3,7 @@ the diffusers/PEFT and kohya files, and the errors."""
 
 import json
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -265,9 +266,19 @@ def test_bad_patterns_and_files_are_refused_naming_what_exists(unet, tmp_path):
   config.lora.base, config.lora.targets = str(tmp_path), ("[",)
   with pytest.raises(ValueError, match=r"config\.lora\.targets: '\[' is not a regular expression"):
     config_check.validate_lora(config.lora, model_name="sd_unet")
-  config.lora.targets = lora.UNET_TARGETS
+  config.lora.targets, config.lora.text_targets = lora.UNET_TARGETS, ("self_attn/(q_proj",)
+  with pytest.raises(ValueError, match=r"config\.lora\.text_targets: 'self_attn/\(q_proj' is not a regular"):
+    config_check.validate_lora(config.lora, model_name="sd_unet")
+  config.lora.text_targets = lora.TEXT_TARGETS
   with pytest.raises(ValueError, match=r"config\.lora\.base=.* is neither a converted model"):
     config_check.validate_lora(config.lora, model_name="sd_unet")
+  config.lora.base = lora_base = str(tmp_path / "base")
+  os.makedirs(lora_base)
+  (tmp_path / "base" / "model.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"config\.lora\.text_targets=.* adapts the text encoder, but "
+                                       r"config\.text\.encoder is None"):
+    config_check.validate_config(config, device_count=1, process_count=1)
+  config.lora.base = None
   config.lora.rank, config.lora.load = 0, str(tmp_path / "missing.safetensors")
   with pytest.raises(ValueError, match=r"config\.lora\.load=.*missing\.safetensors' does not exist"):
     config_check.validate_lora(config.lora, model_name="sd_unet")

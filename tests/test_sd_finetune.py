@@ -67,7 +67,8 @@ def runs(tmp_path_factory):
   before = _digests(converted)
   out = {}
   for name, overrides in (("full", {}),
-                          ("lora", {"lora.rank": 2, "lora.base": os.path.join(converted, "unet")})):
+                          ("lora", {"lora.rank": 2, "lora.base": os.path.join(converted, "unet"),
+                                    "lora.text_targets": lora.TEXT_TARGETS})):
     workdir = str(root / name)
     out[name] = workdir, jax.device_get(train_lib.train(_finetune_config(converted, **overrides), workdir))
   after = _digests(converted)
@@ -92,19 +93,41 @@ def test_full_finetune_trains_the_unet_with_the_text_encoder_frozen_and_converte
   assert saved.model.pretrained == os.path.join(converted, "unet") and saved.text.trainable is False
 
 
-def test_lora_finetune_checkpoints_only_adapters(runs):
+def test_lora_finetune_checkpoints_only_adapters_of_the_unet_and_text_encoder(runs):
   converted, _, out, _ = runs
   _, state = out["lora"]
   _, unet = pretrained.load(os.path.join(converted, "unet"), kind="sd_unet")
+  _, encoder = pretrained.load(os.path.join(converted, "text_encoder"), kind="clip_text")
   # The state (what checkpoints.save writes): rank-2 adapters on the attention projections, no base.
-  leaves = _flat(state.params)
-  # 4 transformer blocks (down, middle, 2 up), each attn1 and attn2 with q, k, v, out: A and B of 32.
-  assert len(leaves) == 2 * len(lora.target_paths(unet, lora.UNET_TARGETS)) == 2 * 32
-  for key, value in leaves.items():
-    assert value.shape[-1 if key.endswith("['lora_A']") else 0] == 2, key
-    assert key.endswith("['lora_A']") or key.endswith("['lora_B']"), key
-  assert all(np.abs(v).max() > 0 for k, v in leaves.items() if "lora_B" in k)  # B moved off zero.
-  assert all(np.abs(v).max() > 0 for k, v in _flat(state.ema_params).items() if "lora_B" in k)
+  assert set(state.params) == {text_lib.MODEL, text_lib.TEXT}
+  # 4 transformer blocks (down, middle, 2 up), each attn1 and attn2 with q, k, v, out: A and B of 32;
+  # the text encoder's one layer: q, k, v, out.
+  for part, base, targets, n in ((text_lib.MODEL, unet, lora.UNET_TARGETS, 32),
+                                 (text_lib.TEXT, encoder, lora.TEXT_TARGETS, 4)):
+    leaves = _flat(state.params[part])
+    assert len(leaves) == 2 * len(lora.target_paths(base, targets)) == 2 * n, part
+    for key, value in leaves.items():
+      assert value.shape[-1 if key.endswith("['lora_A']") else 0] == 2, key
+      assert key.endswith("['lora_A']") or key.endswith("['lora_B']"), key
+    assert all(np.abs(v).max() > 0 for k, v in leaves.items() if "lora_B" in k), part  # B moved off zero.
+    assert all(np.abs(v).max() > 0 for k, v in _flat(state.ema_params[part]).items() if "lora_B" in k)
+
+
+def test_lora_run_saved_as_a_file_samples_the_converted_model_as_the_run_does(runs, tmp_path):
+  converted, _, out, _ = runs
+  workdir, state = out["lora"]
+  path = str(tmp_path / "adapters.safetensors")
+  lora.save_file(path, {"unet": state.ema_params[text_lib.MODEL], "text_encoder": state.ema_params[text_lib.TEXT]},
+                 rank=2, alpha=2.0)
+  run = np.load(sample_lib.sample(_finetune_config(converted), workdir) + ".npz")["images"]
+  loaded = np.load(sample_lib.sample(_finetune_config(converted, **{"lora.load": path}), converted) + ".npz")
+  # The same adapters, merged from the file into the converted UNet and text encoder: the same images.
+  assert np.abs(loaded["images"].astype(int) - run.astype(int)).max() <= 1
+  without_text = str(tmp_path / "unet_only.safetensors")
+  lora.save_file(without_text, {"unet": state.ema_params[text_lib.MODEL]}, rank=2, alpha=2.0)
+  unet_only = np.load(sample_lib.sample(_finetune_config(converted, **{"lora.load": without_text}),
+                                        converted) + ".npz")["images"]
+  assert np.abs(unet_only.astype(int) - run.astype(int)).max() > 0  # The text adapters matter.
 
 
 def test_sampling_each_finetuned_workdir_from_a_prompt(runs):
@@ -113,7 +136,7 @@ def test_sampling_each_finetuned_workdir_from_a_prompt(runs):
   for name in ("full", "lora"):
     workdir, _ = out[name]
     path = sample_lib.sample(_finetune_config(converted), workdir)
-    assert os.path.basename(path) == "step2_ddim_3steps_w7.5_seed1"
+    assert os.path.basename(path).startswith("step2_ddim_3steps_w7.5_seed1")  # "_1" when sampled again.
     npz = np.load(path + ".npz")
     assert npz["images"].shape == base.shape and list(npz["prompts"]) == [PROMPT] * 2
     # The same prompt, seed and noise from the base: the fine-tuned weights change the images.

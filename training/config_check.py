@@ -454,11 +454,15 @@ def validate_lora(lora: ml_collections.ConfigDict, *, model_name: str) -> None:
   _require(isinstance(lora.targets, (tuple, list)) and len(lora.targets) > 0
            and all(isinstance(t, str) for t in lora.targets),
            f"config.lora.targets={lora.targets!r} must be a non-empty tuple of regular expressions.")
-  for pattern in lora.targets:
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"config.lora.targets: {pattern!r} is not a regular expression ({e}).") from e
+  text_targets = lora.get("text_targets") or ()
+  _require(isinstance(text_targets, (tuple, list)) and all(isinstance(t, str) for t in text_targets),
+           f"config.lora.text_targets={text_targets!r} must be a tuple of regular expressions (() = none).")
+  for key, patterns in (("targets", lora.targets), ("text_targets", text_targets)):
+    for pattern in patterns:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"config.lora.{key}: {pattern!r} is not a regular expression ({e}).") from e
   _require(lora.base is not None, f"config.lora.rank={lora.rank} trains adapters on a frozen base: set "
            "config.lora.base to a converted model directory or a trained workdir.")
   base = os.path.expanduser(lora.base)
@@ -585,6 +589,9 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   _require(not (config.lora.rank and config.text.encoder is not None and config.text.trainable),
            f"config.lora.rank={config.lora.rank} adapts a frozen base; config.text.trainable=True would "
            "train the whole text encoder beside it: set config.text.trainable=False.")
+  _require(not (config.lora.rank and config.lora.get("text_targets") and config.text.encoder is None),
+           f"config.lora.text_targets={tuple(config.lora.text_targets)!r} adapts the text encoder, but "
+           "config.text.encoder is None: name a converted encoder, or set config.lora.text_targets=().")
   mesh_shape = validate_mesh(config.mesh, device_count=device_count)
   validate_training(config.training, device_count=device_count, mesh_shape=mesh_shape)
   if config.training.sample_every:  # Settings of a disabled feature do not block a run.

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from models import sd_unet
+from training import text as text_lib
 from training import train_step as train_step_lib
 
 # config.lora.targets' default: the attention projections of the SD UNet's transformer blocks.
@@ -49,6 +50,7 @@ class Settings:
   rank: int
   alpha: float
   targets: tuple[str, ...] = UNET_TARGETS
+  text_targets: tuple[str, ...] = ()  # Kernels of the frozen text encoder that get adapters too.
 
   @property
   def scale(self) -> float:
@@ -58,7 +60,8 @@ class Settings:
   @classmethod
   def from_config(cls, lora_config: ml_collections.ConfigDict) -> "Settings":
     alpha = lora_config.alpha if lora_config.alpha is not None else lora_config.rank
-    return cls(rank=lora_config.rank, alpha=float(alpha), targets=tuple(lora_config.targets))
+    return cls(rank=lora_config.rank, alpha=float(alpha), targets=tuple(lora_config.targets),
+               text_targets=tuple(lora_config.get("text_targets") or ()))
 
 
 def kernels(params: Any) -> dict[str, tuple[int, ...]]:
@@ -318,11 +321,21 @@ def merge_file(path: str, params: Mapping[str, Any], *, scale: float = 1.0) -> d
 # --- Training -------------------------------------------------------------------------------------
 
 
-def init_state(rng: jax.Array, *, base_init: Callable[[jax.Array], Any], tx: Any,
-               settings: Settings) -> train_step_lib.TrainState:
-  """A train state whose params (and EMA, optimizer state) are adapters on base_init's params' shapes."""
+def init_state(rng: jax.Array, *, base_init: Callable[[jax.Array], Any], tx: Any, settings: Settings,
+               text_params: Any = None) -> train_step_lib.TrainState:
+  """A train state whose params (and EMA, optimizer state) are adapters on base_init's params' shapes.
+
+  With settings.text_targets, adapters on text_params (the frozen encoder's, arrays or shapes) too: the
+  params are then {text.MODEL: the model's adapters, text.TEXT: the encoder's}, as a trainable
+  encoder's state is laid out (training/text.py merges them in TextConditioning.split).
+  """
   base = jax.eval_shape(base_init, rng).params
   adapters = init_adapters(rng, base, paths=target_paths(base, settings.targets), rank=settings.rank)
+  if settings.text_targets:
+    paths = target_paths(text_params, settings.text_targets, key="config.lora.text_targets")
+    adapters = {text_lib.MODEL: adapters,
+                text_lib.TEXT: init_adapters(jax.random.fold_in(rng, 1), text_params, paths=paths,
+                                             rank=settings.rank)}
   return train_step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=adapters, ema_params=adapters,
                                    opt_state=tx.init(adapters))
 
@@ -330,6 +343,14 @@ def init_state(rng: jax.Array, *, base_init: Callable[[jax.Array], Any], tx: Any
 def on_space(fn: Optional[Callable[..., Any]]) -> Optional[Callable[..., Any]]:
   """A step function of the space's frozen params, given the adapter run's {"space", "base"} instead."""
   return None if fn is None else lambda frozen, *args: fn(frozen["space"], *args)
+
+
+def merge_model(base: Any, adapters: Any, *, settings: Settings) -> Any:
+  """A run's adapters with the model's merged into its base once (compiled; laid out as base is); the
+  text encoder's adapters, if any, stay beside them ({MODEL, TEXT}) for TextConditioning.split."""
+  if not settings.text_targets:
+    return merge_on_device(base, adapters, scale=settings.scale)
+  return {**adapters, text_lib.MODEL: merge_on_device(base, adapters[text_lib.MODEL], scale=settings.scale)}
 
 
 def base_params_fn(settings: Settings) -> Callable[[Any, Any], Any]:
@@ -382,4 +403,4 @@ def sampling_params(config: ml_collections.ConfigDict, ema_adapters: Any, *, ima
   from training import tasks  # pylint: disable=g-import-not-at-top
   expected = tasks.base_shapes(config, image_shape=image_shape)
   base = load_base(config.lora.base, expected=expected, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
-  return merge_on_device(base, ema_adapters, scale=Settings.from_config(config.lora).scale)
+  return merge_model(base, ema_adapters, settings=Settings.from_config(config.lora))

@@ -8,10 +8,12 @@ config.sample.mask, every image is an inpainting of that image (`_inpaint` in th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -78,6 +80,25 @@ def _has_checkpoint(workdir: str) -> bool:
     manager.close()
 
 
+def _merge_lora_file(lora_config: ml_collections.ConfigDict, trained: ml_collections.ConfigDict, params: Any,
+                     encoder: Optional[text_lib.TextEncoder]) -> tuple[Any, Optional[text_lib.TextEncoder]]:
+  """(params, encoder) with config.lora.load's adapters merged: the UNet's, and the frozen text
+  encoder's where the file has them (kohya's lora_te_*, PEFT's text_encoder.*)."""
+  path = os.path.expanduser(lora_config.load)
+  if trained.text.trainable or (trained.lora.rank and trained.lora.get("text_targets")):
+    raise ValueError(f"config.lora.load={lora_config.load!r}: this run trained its text encoder "
+                     f"(config.text.trainable={trained.text.trainable}, config.lora.text_targets="
+                     f"{tuple(trained.lora.get('text_targets') or ())}); a LoRA file is merged into a "
+                     "frozen converted encoder and a UNet, so sample a converted workdir instead.")
+  parts = {"unet": params}
+  if encoder is not None and encoder.params is not None:
+    parts["text_encoder"] = encoder.params
+  merged = lora.merge_file(path, parts, scale=lora_config.scale)
+  if "text_encoder" in merged:
+    encoder = dataclasses.replace(encoder, params=merged["text_encoder"])
+  return merged["unet"], encoder
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Draws config.sample.num images from the EMA params; returns the path stem of the files written.
 
@@ -103,14 +124,13 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     params, source = state.ema_params, f"step{step}"
     checkpoint = os.path.join(os.path.abspath(checkpoints.checkpoint_dir(workdir)), str(step))
     image_shape = run_lib.image_shape(workdir, step)
-  if config.lora.load is not None:  # A LoRA file, merged once before the sampler runs.
-    params = lora.merge_file(os.path.expanduser(config.lora.load), {"unet": params},
-                             scale=config.lora.scale)["unet"]
   # The checkpoint's own model, schedule and space; the sampling settings of the command line.
   trained = run_lib.with_command_line(trained, config, sections=("sample",))
   space = spaces.space_for_run(trained, image_shape)
   encoder = text_lib.create_text_encoder(trained)
   config_check.validate_prompts(trained, context_width=encoder.width if encoder else None)
+  if config.lora.load is not None:  # A LoRA file, merged once before the sampler runs.
+    params, encoder = _merge_lora_file(config.lora, trained, params, encoder)
   text = text_lib.create_conditioning(trained, encoder)
   image = mask = None
   if config.sample.image is not None or config.sample.mask is not None:

@@ -74,7 +74,8 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
   params_fn = None
   adapters = lora.Settings.from_config(config.lora) if config.lora.rank else None
   if adapters is not None:  # Low-rank adapters on a frozen base (training/lora.py): frozen {"space", "base"}.
-    init_state = functools.partial(lora.init_state, base_init=init_state, tx=tx, settings=adapters)
+    init_state = functools.partial(lora.init_state, base_init=init_state, tx=tx, settings=adapters,
+                                   text_params=None if text is None else text.encoder.params)
     encode, condition = lora.on_space(encode), lora.on_space(condition)
     params_fn = lora.base_params_fn(adapters)
   step = train_step_lib.make_train_step(
@@ -95,8 +96,7 @@ def diffusion_task(config: ml_collections.ConfigDict, *, image_shape: tuple[int,
       constants = {**(constants if adapters is not None else {"space": constants}), "text": text_params}
   sampled_params = None
   if adapters is not None:  # Merged once per grid, outside the sampler's program.
-    sampled_params = lambda state: lora.merge_on_device(constants["base"], state.ema_params,
-                                                        scale=adapters.scale)
+    sampled_params = lambda state: lora.merge_model(constants["base"], state.ema_params, settings=adapters)
   return Task(
       init_state=init_state, train_step=step, constants=constants,
       metric_names=("loss", "grad_norm"),

@@ -156,6 +156,9 @@ class TextConditioning:
 
   encoder: TextEncoder
   trainable: bool
+  # LoRA on the frozen encoder (config.lora.text_targets, training/lora.py): (encoder params, adapters)
+  # -> adapted params; the train state's params are then {MODEL: the model's adapters, TEXT: these}.
+  adapt: Optional[Callable[[Any, Any], Any]] = None
 
   @property
   def frozen_params(self) -> Any:
@@ -182,6 +185,8 @@ class TextConditioning:
 
   def split(self, params: Any, frozen: Any) -> tuple[Any, Any]:
     """(the model's params, the encoder's) from the state's params and the frozen ones."""
+    if self.adapt is not None:
+      return params[MODEL], self.adapt(frozen, params[TEXT])
     return (params[MODEL], params[TEXT]) if self.trainable else (params, frozen)
 
   def with_context(self, text_params: Any, cond: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -219,4 +224,9 @@ def create_conditioning(config: ml_collections.ConfigDict,
     key = "config.text.clip.hidden_size" if config.text.encoder == NEW else f"config.text.encoder={config.text.encoder!r}'s width"
     raise ValueError(f"config.model.sd_unet.cross_attention_dim={dim} is not {key}={encoder.width}: "
                      "the UNet's cross-attention reads the text encoder's context.")
-  return TextConditioning(encoder=encoder, trainable=bool(config.text.trainable))
+  adapt = None
+  if config.lora.rank and config.lora.get("text_targets"):  # Adapters on the frozen encoder too.
+    from training import lora  # pylint: disable=g-import-not-at-top
+    scale = lora.Settings.from_config(config.lora).scale
+    adapt = lambda params, adapters: lora.merge(params, adapters, scale=scale)
+  return TextConditioning(encoder=encoder, trainable=bool(config.text.trainable), adapt=adapt)
