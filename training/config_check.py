@@ -588,7 +588,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   validate_lora(config.lora, model_name=config.model.name)
   _require(not (config.lora.rank and config.text.encoder is not None and config.text.trainable),
            f"config.lora.rank={config.lora.rank} adapts a frozen base; config.text.trainable=True would "
-           "train the whole text encoder beside it: set config.text.trainable=False.")
+           "train the whole text encoder beside it: set config.text.trainable=False (config.lora.text_targets "
+           "puts adapters on the encoder instead).")
   _require(not (config.lora.rank and config.lora.get("text_targets") and config.text.encoder is None),
            f"config.lora.text_targets={tuple(config.lora.text_targets)!r} adapts the text encoder, but "
            "config.text.encoder is None: name a converted encoder, or set config.lora.text_targets=().")
