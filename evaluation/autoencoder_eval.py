@@ -88,7 +88,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
     logging.info("config.eval.num_samples=%d: config.data.holdout_split=%r has %d images, all used.",
                  ev.num_samples, data.split, num)
   manager = checkpoints.create_manager(workdir, read_only=True)
-  steps = evaluate_lib._on_process_0(evaluate_lib._steps_to_evaluate, manager, workdir, ev.step)  # pylint: disable=protected-access
+  steps = evaluate_lib.on_process_0(evaluate_lib.steps_to_evaluate, manager, workdir, ev.step)
   mesh = train_lib.create_mesh()
   extractor = inception.FeatureExtractor(inception.load_variables(ev.inception_path), mesh=mesh,
                                          batch_size=ev.batch_size)
@@ -101,7 +101,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
   reference, records, built = fid.FeatureStats(), [], (None, None)
   try:
     for step in steps:
-      restored = evaluate_lib._restore(manager, workdir, step, mesh)  # pylint: disable=protected-access
+      restored = evaluate_lib.restore(manager, workdir, step, mesh)
       if restored is None:
         continue
       trained, state, _, _, image_shape = restored
@@ -109,7 +109,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
                  "image_size": data.image_size, "batch_size": ev.batch_size,
                  "inception_weights": os.path.abspath(os.path.expanduser(ev.inception_path)),
                  "lpips_weights": lpips_path if lpips_fn is not None else None}
-      if evaluate_lib._on_process_0(evaluate_lib.evaluated, done, setting):  # pylint: disable=protected-access
+      if evaluate_lib.on_process_0(evaluate_lib.evaluated, done, setting):
         logging.info("Checkpoint %d is already evaluated with these settings in %s; skipped.", step,
                      metrics_path)
         continue
@@ -121,10 +121,7 @@ def evaluate_autoencoder(config: ml_collections.ConfigDict, workdir: str) -> lis
                                        reference=reference, lpips_fn=lpips_fn)
       record = {**setting, **metrics, "num_devices": jax.device_count()}
       scalars = {f"{k}/n{num}": v for k, v in metrics.items()}
-      writer.write_scalars(step, scalars)
-      if jax.process_index() == 0:
-        evaluate_lib._append(metrics_path, record)  # pylint: disable=protected-access
-      writers.log_scalars(step, scalars)
+      evaluate_lib.publish(writer, metrics_path, step, record, scalars)
       records.append(record)
   finally:
     writer.close()

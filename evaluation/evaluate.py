@@ -111,6 +111,15 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   return records
 
 
+def publish(writer: Any, metrics_path: str, step: int, record: dict[str, Any],
+            scalars: dict[str, float]) -> None:
+  """One evaluation's result: scalars to TensorBoard and the log, the record to metrics_path (process 0)."""
+  writer.write_scalars(step, scalars)
+  if jax.process_index() == 0:
+    _append(metrics_path, record)
+  writers.log_scalars(step, scalars)
+
+
 def _append(path: str, record: dict[str, Any]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   torn = False
@@ -231,7 +240,7 @@ def _broadcast_json(value: Any) -> Any:
   return json.loads(np.asarray(data, np.uint8).tobytes().decode())
 
 
-def _on_process_0(fn: Callable[..., Any], *args, **kwargs) -> Any:
+def on_process_0(fn: Callable[..., Any], *args, **kwargs) -> Any:
   """fn(*args, **kwargs) computed on process 0 and broadcast, so every process acts on one decision.
 
   An exception raised there is raised on every process (a FileNotFoundError or ValueError as such).
@@ -257,7 +266,7 @@ def _steps_on_disk(manager: ocp.CheckpointManager) -> list[int]:
   return sorted(manager.all_steps())
 
 
-def _steps_to_evaluate(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> list[int]:
+def steps_to_evaluate(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> list[int]:
   """Every checkpoint step, or only step (config.eval.step)."""
   all_steps = _steps_on_disk(manager)
   if not all_steps:
@@ -268,14 +277,14 @@ def _steps_to_evaluate(manager: ocp.CheckpointManager, workdir: str, step: int |
   return all_steps if step is None else [step]
 
 
-def _restore(manager: ocp.CheckpointManager, workdir: str, step: int, mesh: jax.sharding.Mesh
-             ) -> tuple[Any, ...] | None:
+def restore(manager: ocp.CheckpointManager, workdir: str, step: int, mesh: jax.sharding.Mesh
+            ) -> tuple[Any, ...] | None:
   """load_run's (config, state, model, schedule) and the image shape, or None if step was deleted.
 
   Whether the step still exists is decided on process 0, before and after a failed restore, so every
   process skips it or none does.
   """
-  if step not in _on_process_0(_steps_on_disk, manager):
+  if step not in on_process_0(_steps_on_disk, manager):
     logging.warning("Checkpoint %d of %s was deleted (training's max_to_keep?) before its turn; skipped.",
                     step, workdir)
     return None
@@ -287,7 +296,7 @@ def _restore(manager: ocp.CheckpointManager, workdir: str, step: int, mesh: jax.
   failed = np.asarray(multihost_utils.process_allgather(np.int32(failure is not None)))
   if not failed.any():
     return restored
-  if step not in _on_process_0(_steps_on_disk, manager):
+  if step not in on_process_0(_steps_on_disk, manager):
     logging.warning("Checkpoint %d of %s was deleted (training's max_to_keep?) while it was restored; "
                     "skipped.", step, workdir)
     return None
@@ -318,7 +327,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
   manager = checkpoints.create_manager(workdir, read_only=True)  # On every process: Orbax syncs them.
   # Steps and skips are decided on process 0 alone: processes reading the workdir each on their own
   # could see different checkpoints or records while training saves beside eval.
-  steps = _on_process_0(_steps_to_evaluate, manager, workdir, ev.step)
+  steps = on_process_0(steps_to_evaluate, manager, workdir, ev.step)
   reference_path = fid.reference_stats_path(config, workdir)
   if not os.path.exists(reference_path):
     raise FileNotFoundError(
@@ -337,7 +346,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
   sampler, built_from = None, None
   try:
     for step in steps:
-      restored = _restore(manager, workdir, step, mesh)
+      restored = restore(manager, workdir, step, mesh)
       if restored is None:
         continue
       trained, state, model, schedule, image_shape = restored
@@ -347,7 +356,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
                          "the latents, not of the images, and is not computed; pass "
                          "--config.eval.nll=False for FID and IS of the decoded images.")
       setting = settings(trained, step, schedule, reference_path)
-      if _on_process_0(evaluated, done, setting):
+      if on_process_0(evaluated, done, setting):
         logging.info("Checkpoint %d is already evaluated with these settings in %s; skipped.", step,
                      metrics_path)
         continue
@@ -373,11 +382,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, 
       scalars = {f"fid/{tag}": metrics["fid"], f"inception_score/{tag}": metrics["inception_score"]}
       scalars.update({f"{k}/n{metrics['nll_images']}": metrics[k] for k in ("nll_ode_bpd", "nll_vlb_bpd")
                       if k in metrics})
-      writer.write_scalars(step, scalars)
       writer.write_image(step, f"samples/{tag}", writers.image_grid(first[:64]))
-      if jax.process_index() == 0:
-        _append(metrics_path, record)
-      writers.log_scalars(step, scalars)
+      publish(writer, metrics_path, step, record, scalars)
       records.append(record)
   finally:
     writer.close()
