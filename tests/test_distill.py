@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from diffusion import distillation
@@ -18,6 +19,7 @@ from evaluation import run as run_lib
 from training import config_check
 from training import progressive
 from training import sample as sample_lib
+from training import sharding
 from training import tasks
 from training import train as train_lib
 
@@ -127,6 +129,14 @@ def test_student_starts_from_the_teacher_and_resumes_bit_identically(runs):
   task = tasks.create_task(config, image_shape=(8, 8, 1), rng=jax.random.key(0),
                            mesh=train_lib.create_mesh())
   assert max_difference(jax.device_get(task.init_state(jax.random.key(1)).params), teacher_params) == 0.0
+  # On an fsdp mesh the frozen teacher is split like the student's params, not replicated.
+  config.mesh.update(fsdp=4, fsdp_min_size=64)
+  mesh = train_lib.create_mesh(config.mesh)
+  task = tasks.create_task(config, image_shape=(8, 8, 1), rng=jax.random.key(0), mesh=mesh)
+  want = sharding.state_shardings(task.constants["teacher"], mesh=mesh, fsdp_min_size=64)
+  got = jax.tree.map(lambda x: x.sharding, task.constants["teacher"])
+  assert jax.tree.leaves(got) == jax.tree.leaves(want)
+  assert any(s.spec != P() for s in jax.tree.leaves(got))
   assert int(states["straight"].step) == int(states["resumed"].step) == 4
   assert max_difference(jax.device_get(states["straight"].params),
                         jax.device_get(states["resumed"].params)) == 0.0

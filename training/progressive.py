@@ -32,6 +32,7 @@ from diffusion import guidance
 from diffusion import parameterization
 from diffusion import samplers
 from diffusion import schedules
+from training import sharding
 from training import train_step as train_step_lib
 
 METHOD = "progressive"  # config.distill.method of this task.
@@ -195,12 +196,14 @@ def progressive_task(config: ml_collections.ConfigDict, *, image_shape: tuple[in
                  config.distill.student_steps)
     teacher_prediction = teacher.config.diffusion.prediction
     teacher_clip = teacher.config.sample.clip_x0 and teacher.space.bounded  # The teacher steps as it samples.
-    replicated = NamedSharding(mesh, P())
     params = teacher.params
     init_state = lambda rng: train_step_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
-    constants = {"teacher": jax.device_put(params, replicated),
-                 "space": jax.device_put(space.params, replicated)}
+    # The frozen teacher is laid out as the student's params are (fsdp-sharded where config.mesh says),
+    # in buffers of its own: the step donates the state, so the two must not share any.
+    shardings = sharding.state_shardings(params, mesh=mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+    constants = {"teacher": jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params),
+                 "space": jax.device_put(space.params, NamedSharding(mesh, P()))}
     if config.training.sample_every:
       sampler = generate.Sampler.from_config(config, model=model, schedule=schedule, mesh=mesh,
                                              image_shape=image_shape, space=space)
