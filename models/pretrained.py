@@ -78,7 +78,7 @@ def load_autoencoder(directory: str) -> tuple[autoencoder.AutoencoderKL, Any, di
   path = os.path.abspath(os.path.expanduser(directory))
   if os.path.exists(os.path.join(path, "model.json")):
     description, params = load(directory, kind="autoencoder_kl")
-    return autoencoder.AutoencoderKL(**description["kwargs"]), params, description
+    return autoencoder.AutoencoderKL(**module_kwargs(description["kwargs"])), params, description
   config_path = os.path.join(path, "config.json")
   if os.path.exists(config_path):
     with open(config_path) as f:
@@ -122,12 +122,18 @@ def _load_trained_autoencoder(workdir: str) -> tuple[autoencoder.AutoencoderKL, 
 def load_text_encoder(directory: str) -> tuple[clip.CLIPTextTransformer, Any, dict[str, Any]]:
   """(module, params, description) of a converted CLIP text encoder (scripts/convert_clip.py)."""
   description, params = load(directory, kind="clip_text")
-  return clip.CLIPTextTransformer(**description["kwargs"]), params, description
+  return clip.CLIPTextTransformer(**module_kwargs(description["kwargs"])), params, description
+
+
+def module_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+  """A model.json's kwargs as a module takes them: JSON lists become tuples (modules stay hashable and
+  equal to the ones they were saved from)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
 def sd_unet_module(kwargs: dict[str, Any]) -> sd_unet.SDUNet:
-  """The SDUNet of a model.json's kwargs (JSON lists become the module's tuples)."""
-  return sd_unet.SDUNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+  """The SDUNet of a model.json's kwargs."""
+  return sd_unet.SDUNet(**module_kwargs(kwargs))
 
 
 def load_sd_unet(directory: str) -> tuple[sd_unet.SDUNet, Any, dict[str, Any]]:

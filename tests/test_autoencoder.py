@@ -27,13 +27,14 @@ F8 = dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, group
 @pytest.mark.parametrize("kwargs,factor", [(F4, 4), (F8, 8)])
 def test_encode_decode_shapes(kwargs, factor):
   model = autoencoder.AutoencoderKL(**kwargs)
-  x = jnp.zeros((2, 16, 16, 3))
-  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
-  posterior = model.apply({"params": params}, x, method=model.encode)
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # Shapes only: nothing compiles.
+  encode = lambda p, x: model.apply({"params": p}, x, method=model.encode)
+  mean, logvar = jax.eval_shape(lambda p, x: (encode(p, x).mean, encode(p, x).logvar), params, x)
   latent_shape = (2, 16 // factor, 16 // factor, kwargs["latent_channels"])
   assert model.downsampling_factor == factor
-  assert posterior.mean.shape == posterior.logvar.shape == latent_shape
-  recon, _ = model.apply({"params": params}, x, jax.random.key(1))
+  assert mean.shape == logvar.shape == latent_shape
+  recon = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, jax.random.key(1))[0], params, x)
   assert recon.shape == x.shape and recon.dtype == jnp.float32
 
 
@@ -64,7 +65,7 @@ def test_moments_split_into_mean_and_clipped_logvar():
 def _diffusers_files(directory, kwargs, seed=0):
   """A diffusers-layout vae/ folder whose weights are our random params under diffusers' names."""
   model = autoencoder.AutoencoderKL(**kwargs)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))["params"]
   params = jax.tree.map(lambda p: p + 0.1 * np.random.default_rng(seed).normal(size=p.shape), params)
   weights = {}
   for ours, theirs, kind in convert_diffusers_vae.name_table(convert_diffusers_vae.module_kwargs(
@@ -104,9 +105,10 @@ def test_converter_reads_every_weight_into_the_same_tree(tmp_path, kwargs):
   loaded_model, loaded, _ = pretrained.load_autoencoder(str(tmp_path / "out"))
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), loaded, params)
+  assert loaded_model == model  # The same module, so one compiled forward serves both parameter trees.
   x = jax.random.uniform(jax.random.key(3), (1, 16, 16, 3), minval=-1, maxval=1)
-  np.testing.assert_allclose(loaded_model.apply({"params": loaded}, x)[0],
-                             model.apply({"params": params}, x)[0], rtol=1e-5, atol=1e-5)
+  forward = jax.jit(lambda p: model.apply({"params": p}, x)[0])
+  np.testing.assert_allclose(forward(loaded), forward(params), rtol=1e-5, atol=1e-5)
 
 
 def test_converter_errors_name_the_file_and_write_nothing(tmp_path):
