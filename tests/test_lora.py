@@ -104,11 +104,19 @@ def test_merged_equals_the_unmerged_low_rank_branch(unet):
     layers.append((module, path, x, out))
     return out
 
-  with nn.intercept_methods(branch):
-    unmerged = model.apply({"params": params}, *inputs[:2], {"context": inputs[2]})
-  assert len(layers) == 32 + 4 + 1  # Attention projections, proj_in (down 0, mid, up 1 twice), conv_in.
-  for module, path, x, out in layers:  # The same input through the layer with the merged kernel.
-    merged = module.clone(parent=None).apply({"params": _get(merged_params, path)}, x)
+  def unmerged_fn(params):  # One compiled forward; each adapted layer's input and output come out too.
+    layers.clear()
+    with nn.intercept_methods(branch):
+      out = model.apply({"params": params}, *inputs[:2], {"context": inputs[2]})
+    return out, [(x, y) for _, _, x, y in layers]
+
+  unmerged, values = jax.jit(unmerged_fn)(params)
+  modules = [(module.clone(parent=None), path) for module, path, _, _ in layers]
+  assert len(modules) == 32 + 4 + 1  # Attention projections, proj_in (down 0, mid, up 1 twice), conv_in.
+  # The same inputs through the layers with the merged kernels.
+  merged_fn = lambda p, xs: [m.apply({"params": _get(p, path)}, x) for (m, path), x in zip(modules, xs)]
+  merged_layers = jax.jit(merged_fn)(merged_params, [x for x, _ in values])
+  for (_, path), (_, out), merged in zip(modules, values, merged_layers):
     np.testing.assert_allclose(merged, out, atol=1e-6, rtol=1e-6, err_msg=path)
   merged = apply(merged_params, *inputs)
   assert float(jnp.abs(merged - apply(params, *inputs)).mean()) > 0.05  # The adapters change the output,
