@@ -5,6 +5,7 @@ known in closed form), tiny distillation and training runs that resume bit-ident
 """
 
 import math
+import os
 import shutil
 
 import jax
@@ -141,12 +142,14 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """A VP teacher (2 steps); a distilled student of 2 steps, straight and resumed from step 1; 1 CT step."""
+def runs(trained_workdir, tmp_path_factory):
+  """conftest's class-conditional VP teacher (2 steps); a distilled student of 2 steps, straight and
+  resumed from step 1; 1 CT step (unconditional)."""
   root = tmp_path_factory.mktemp("consistency")
-  train_lib.train(tiny_config(**{"training.num_steps": 2}), str(root / "teacher"))
+  os.symlink(trained_workdir, root / "teacher")
   cd = tiny_config(**CONSISTENCY, **{"distill.teacher": str(root / "teacher"), "training.num_steps": 2,
-                                     "training.checkpoint_every": 1, "consistency.target_decay": 0.9})
+                                     "training.checkpoint_every": 1, "consistency.target_decay": 0.9,
+                                     "model.num_classes": 10})
   states = {"cd": train_lib.train(cd, str(root / "cd"))}
   shutil.copytree(root / "cd", root / "cd_resumed")
   shutil.rmtree(root / "cd_resumed" / "checkpoints" / "2")
@@ -189,8 +192,8 @@ def bad_values(root):
       ({"distill.teacher": str(root / "missing")}, r"config\.distill\.teacher='.*missing' does not exist"),
       ({"distill.teacher": teacher, "data.image_size": 16, "model.unet.attn_resolutions": (8,)},
        r"config\.distill\.teacher='.*teacher' is a different model: its config\.data\.image_size=8"),
-      ({"distill.teacher": teacher, "model.num_classes": 10},
-       r"config\.distill\.teacher='.*teacher' is a different model: its config\.model\.num_classes=0"),
+      ({"distill.teacher": teacher, "model.num_classes": 0},
+       r"config\.distill\.teacher='.*teacher' is a different model: its config\.model\.num_classes=10"),
       ({"distill.teacher": str(root / "cd")}, r"config\.distill\.teacher='.*cd' is a consistency model"),
       ({"distill.teacher": teacher, "diffusion.sigma_max": 500.0},
        r"config\.distill\.teacher='.*teacher' reaches sigma 1\d\d\.?\d* at t = 1, below .*sigma_max=500"),
@@ -210,7 +213,7 @@ def test_bad_input_is_named_before_anything_compiles(runs, monkeypatch):
   for i, (overrides, match) in enumerate(bad_values(root)):
     workdir = root / f"bad{i}"
     with pytest.raises(ValueError, match=match):
-      train_lib.train(tiny_config(**{**CONSISTENCY, **overrides}), str(workdir))
+      train_lib.train(tiny_config(**{**CONSISTENCY, "model.num_classes": 10, **overrides}), str(workdir))
     assert not compiled and not workdir.exists(), overrides
 
 
