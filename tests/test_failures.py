@@ -50,6 +50,15 @@ def run4(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def resumed_from_2(run4, tmp_path_factory):
+  """(final params, step) of run4 resumed from its step-2 checkpoint to step 6, never interrupted."""
+  reference = copy_of(run4, tmp_path_factory.mktemp("resumed_from_2"), "reference")
+  shutil.rmtree(os.path.join(reference, "checkpoints", "4"))
+  train_lib.train(tiny_config(**{"training.num_steps": 6}), reference)
+  return final_params(reference)
+
+
 def copy_of(run4, tmp_path, name="run"):
   workdir = str(tmp_path / name)
   shutil.copytree(run4, workdir)
@@ -106,21 +115,18 @@ def test_state_keys_include_keys_added_later():
 
 
 @pytest.mark.parametrize("which", ["largest_file", "state/_METADATA"])
-def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(run4, tmp_path, which):
-  reference = copy_of(run4, tmp_path, "reference")
-  shutil.rmtree(os.path.join(reference, "checkpoints", "4"))  # Uninterrupted from step 2.
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(run4, resumed_from_2, tmp_path,
+                                                                               which):
   damaged = copy_of(run4, tmp_path, "damaged")
   step4 = os.path.join(damaged, "checkpoints", "4")
   path = largest_file(step4) if which == "largest_file" else os.path.join(step4, which)
   cut(path)
   size = os.path.getsize(path)
-  config = tiny_config(**{"training.num_steps": 6})
-  train_lib.train(config, reference)
-  train_lib.train(config, damaged)
+  train_lib.train(tiny_config(**{"training.num_steps": 6}), damaged)
   moved = os.path.join(damaged, "checkpoints", "damaged", "4", os.path.relpath(path, step4))
   assert os.path.getsize(moved) == size  # Kept as it was, beside the checkpoints.
   assert checkpoints.create_manager(damaged, read_only=True).all_steps() == [2, 4, 6]
-  a, step_a = final_params(reference)
+  a, step_a = resumed_from_2  # The same run, uninterrupted from step 2.
   b, step_b = final_params(damaged)
   assert step_a == step_b == 6
   diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
