@@ -91,8 +91,8 @@ def test_step_weights_the_gan_loss_by_eq7_and_switches_it_on_at_disc_start():
                                     out_channels=1, groups=2, mid_attention=False)
   disc = discriminator_lib.NLayerDiscriminator(ch=4, n_layers=1)
   tx = optax.adam(1e-3)
-  state = autoencoder_step.init_state(jax.random.key(0), model=model, discriminator=disc, tx=tx,
-                                      image_shape=(8, 8, 1))
+  state = jax.jit(lambda rng: autoencoder_step.init_state(rng, model=model, discriminator=disc, tx=tx,
+                                                          image_shape=(8, 8, 1)))(jax.random.key(0))
   x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1), minval=-1, maxval=1)
   # One compiled step; GAN terms on from step 1, so the state's step switches them.
   loss = autoencoder_step.AutoencoderLoss(kl_weight=1e-3, sample_posterior=False, disc_weight=0.5,
