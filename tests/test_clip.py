@@ -32,7 +32,7 @@ IDS = np.array([[38, 5, 7, 9, 39, 39, 39, 39, 39, 39],  # SD 1.x: padded with th
 
 def _random_params(model, seed=0):
   """Initial parameters with every leaf perturbed, so that a swapped or transposed weight shows."""
-  params = model.init(jax.random.key(seed), jnp.asarray(IDS))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.asarray(IDS))["params"]
   leaves, treedef = jax.tree.flatten(params)
   rng = np.random.default_rng(seed)
   return jax.tree.unflatten(treedef, [np.asarray(p) + 0.2 * rng.normal(size=p.shape).astype(np.float32)

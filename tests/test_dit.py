@@ -59,8 +59,8 @@ def test_model_starts_at_zero_and_unpatchifies_in_the_reference_layout():
   model = dit.DiT(patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   t, y = jnp.array([10.0, 500.0]), {"label": jnp.array([1, 3])}
-  params = model.init(jax.random.key(1), x, t, y, train=False)["params"]
-  out = model.apply({"params": params}, x, t, y, train=False)
+  params = jax.jit(lambda rng: model.init(rng, x, t, y, train=False))(jax.random.key(1))["params"]
+  out = jax.jit(lambda p: model.apply({"params": p}, x, t, y, train=False))(params)
   assert out.shape == x.shape
   np.testing.assert_array_equal(out, 0.0)  # Zero-initialised output layer (adaLN-Zero).
   # A bias alone on the output layer: pixel (r, c, ch) of every patch reads bias[(r % p, c % p, ch)], the

@@ -36,7 +36,7 @@ AE_KWARGS = {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "latent_channel
 def save_autoencoder(directory, *, seed=0, **overrides):
   kwargs = {**AE_KWARGS, **overrides}
   model = autoencoder.AutoencoderKL(**kwargs)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 16, 16, kwargs["out_channels"])))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 16, 16, kwargs["out_channels"])))["params"]
   pretrained.save(directory, kind="autoencoder_kl", kwargs=kwargs, params=params, scaling_factor=1.0)
   return directory
 
@@ -140,8 +140,8 @@ def test_pixel_inpainting_keeps_the_known_region_exactly():
   config = tiny.get_config()
   model = models.create_model(config.model)
   tx, _ = train_step_lib.create_optimizer(config.optim)
-  state = train_step_lib.init_state(jax.random.key(0), model=model, tx=tx, image_shape=(8, 8, 1),
-                                    num_classes=0)
+  state = jax.jit(lambda rng: train_step_lib.init_state(rng, model=model, tx=tx, image_shape=(8, 8, 1),
+                                                        num_classes=0))(jax.random.key(0))
   sampler = generate.Sampler.from_config(config, model=model, mesh=train_lib.create_mesh(),
                                          schedule=train_lib.create_schedule(config.diffusion),
                                          image_shape=(8, 8, 1))
@@ -173,8 +173,8 @@ def test_inpainting_model_has_nine_input_channels_and_trains(ae_dir):
   assert extra == 5  # SD-inpainting: the mask and the masked image's 4 latent channels.
   model = models.create_model(config.model)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
-  state = train_step_lib.init_state(jax.random.key(0), model=model, tx=tx, image_shape=space.shape,
-                                    num_classes=0, concat_channels=extra)
+  state = jax.jit(lambda rng: train_step_lib.init_state(rng, model=model, tx=tx, image_shape=space.shape,
+                                                        num_classes=0, concat_channels=extra))(jax.random.key(0))
   assert state.params["conv_in"]["kernel"].shape == (3, 3, 9, 8)  # 4 latents + 1 mask + 4 masked.
   assert state.params["conv_out"]["kernel"].shape == (3, 3, 8, 4)
   step = jax.jit(train_step_lib.make_train_step(

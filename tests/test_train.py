@@ -106,8 +106,8 @@ def test_sharded_step_equals_single_device_step():
   config = tiny_config(**{"model.unet.dropout": 0.1})
   model = models.create_model(config.model)
   tx, _ = train_step_lib.create_optimizer(config.optim)
-  state = train_step_lib.init_state(jax.random.key(0), model=model, tx=tx, image_shape=(8, 8, 1),
-                                    num_classes=0)
+  state = jax.jit(lambda rng: train_step_lib.init_state(rng, model=model, tx=tx, image_shape=(8, 8, 1),
+                                                        num_classes=0))(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32),
            "label": rng.integers(0, 10, 16).astype(np.int32)}
