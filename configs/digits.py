@@ -17,10 +17,13 @@ def get_config():
   config.model.unet.scale_shift = True
   config.model.num_classes = 10  # Class-conditional: each column of a sample grid is one digit.
 
-  config.diffusion.schedule = "cosine"
-  # v prediction stays well posed where the cosine schedule's alpha(t) nears 0 (Salimans & Ho 2022);
-  # with eps, deterministic samplers of this small, briefly trained model leave speckled digits.
-  config.diffusion.prediction = "v"
+  # Flow matching (x_t = (1 - t) x0 + t eps, velocity eps - x0, logit-normal t; Esser et al. 2024): at
+  # the same 1000 steps it reaches the digits FD floor, where VP cosine v and EDM do not (README, "The
+  # demo's process at the same budget").
+  config.diffusion.process = "flow"
+  config.diffusion.num_timesteps = 0
+  config.diffusion.prediction = "velocity"
+  config.diffusion.time_sampling = "logit_normal"
   config.diffusion.p_uncond = 0.1  # Also learn the unconditional model, for classifier-free guidance.
 
   config.optim.learning_rate = 1e-3

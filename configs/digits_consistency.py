@@ -16,6 +16,7 @@ def get_config():
   config.diffusion.num_timesteps = 0
   config.diffusion.prediction = "consistency"
   config.diffusion.model_time = "c_noise"
+  config.diffusion.time_sampling = "uniform"  # Unused: consistency.noise_sampling draws the levels.
   config.diffusion.p_uncond = 0.0
 
   # iCT's recipe, with the curriculum shortened to the run: N doubles from 11 to 161 levels every

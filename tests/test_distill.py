@@ -36,7 +36,8 @@ def gaussian_denoiser(schedule):
 
 
 SCHEDULES = {"discrete_cosine": schedules.create_schedule(schedule="cosine", num_timesteps=1000),
-             "continuous_linear": schedules.create_schedule(schedule="linear", num_timesteps=0)}
+             "continuous_linear": schedules.create_schedule(schedule="linear", num_timesteps=0),
+             "flow": schedules.create_schedule(schedule="linear", num_timesteps=0, process="flow")}
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

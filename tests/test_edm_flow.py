@@ -356,6 +356,24 @@ def test_tiny_run_samples_with_two_samplers(runs, process, first, second):
   assert len(glob.glob(os.path.join(workdir, "samples", "*.npz"))) >= 2
 
 
+def test_a_flow_run_teaches_a_progressive_velocity_student(runs, tmp_path):
+  """The flow run as a progressive teacher: its velocity student trains a round and samples in its steps."""
+  root, states = runs
+  config = tiny_config("flow", **{"distill.method": "progressive", "distill.teacher": str(root / "flow"),
+                                  "distill.student_steps": 2, "training.num_steps": 2,
+                                  "sample.grid": "trailing", "sample.clip_x0": False})
+  student = train_lib.train(config, str(tmp_path / "student"))
+  teacher, trained = (jax.device_get(x) for x in (states["flow"].ema_params, student.params))
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), teacher, trained)
+  assert 0 < max(jax.tree.leaves(moved)) < 1  # From the teacher's EMA weights, a few small steps.
+  config.sample.update(steps=None, num=8)
+  path = sample_lib.sample(config, str(tmp_path / "student"))
+  with np.load(path + ".npz") as f:
+    assert f["images"].shape == (8, 8, 8, 1)
+    settings = json.loads(str(f["settings"]))
+  assert (settings["sampler"], settings["steps"], settings["grid"]) == ("ddim", 2, "trailing")
+
+
 def test_resume_with_another_process_is_refused(runs):
   root, _ = runs
   workdir = str(root / "edm")

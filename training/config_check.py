@@ -18,6 +18,7 @@ from diffusion import samplers
 from diffusion import schedules
 from models import sd_unet
 from training import autoencoder_step
+from training import lora as lora_lib
 from training import sharding
 from training import train_step
 from training import xla_cpu
@@ -590,7 +591,7 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
            f"config.lora.rank={config.lora.rank} adapts a frozen base; config.text.trainable=True would "
            "train the whole text encoder beside it: set config.text.trainable=False (config.lora.text_targets "
            "puts adapters on the encoder instead).")
-  _require(not (config.lora.rank and config.lora.get("text_targets") and config.text.encoder is None),
+  _require(not (lora_lib.adapts_text_encoder(config.lora) and config.text.encoder is None),
            f"config.lora.text_targets={tuple(config.lora.text_targets)!r} adapts the text encoder, but "
            "config.text.encoder is None: name a converted encoder, or set config.lora.text_targets=().")
   mesh_shape = validate_mesh(config.mesh, device_count=device_count)

@@ -64,6 +64,11 @@ class Settings:
                text_targets=tuple(lora_config.get("text_targets") or ()))
 
 
+def adapts_text_encoder(lora_config: ml_collections.ConfigDict) -> bool:
+  """Whether config.lora puts adapters on the frozen text encoder as well (rank > 0, text_targets given)."""
+  return bool(lora_config.rank and lora_config.get("text_targets"))
+
+
 def kernels(params: Any) -> dict[str, tuple[int, ...]]:
   """{module path 'a/b/c': kernel shape} of every Dense or convolution kernel in params."""
   out = {}

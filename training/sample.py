@@ -85,7 +85,7 @@ def _merge_lora_file(lora_config: ml_collections.ConfigDict, trained: ml_collect
   """(params, encoder) with config.lora.load's adapters merged: the UNet's, and the frozen text
   encoder's where the file has them (kohya's lora_te_*, PEFT's text_encoder.*)."""
   path = os.path.expanduser(lora_config.load)
-  if trained.text.trainable or (trained.lora.rank and trained.lora.get("text_targets")):
+  if trained.text.trainable or lora.adapts_text_encoder(trained.lora):
     raise ValueError(f"config.lora.load={lora_config.load!r}: this run trained its text encoder "
                      f"(config.text.trainable={trained.text.trainable}, config.lora.text_targets="
                      f"{tuple(trained.lora.get('text_targets') or ())}); a LoRA file is merged into a "

@@ -224,9 +224,9 @@ def create_conditioning(config: ml_collections.ConfigDict,
     key = "config.text.clip.hidden_size" if config.text.encoder == NEW else f"config.text.encoder={config.text.encoder!r}'s width"
     raise ValueError(f"config.model.sd_unet.cross_attention_dim={dim} is not {key}={encoder.width}: "
                      "the UNet's cross-attention reads the text encoder's context.")
+  from training import lora  # pylint: disable=g-import-not-at-top  (lora builds on this module)
   adapt = None
-  if config.lora.rank and config.lora.get("text_targets"):  # Adapters on the frozen encoder too.
-    from training import lora  # pylint: disable=g-import-not-at-top
+  if lora.adapts_text_encoder(config.lora):  # Adapters on the frozen encoder too.
     scale = lora.Settings.from_config(config.lora).scale
     adapt = lambda params, adapters: lora.merge(params, adapters, scale=scale)
   return TextConditioning(encoder=encoder, trainable=bool(config.text.trainable), adapt=adapt)
