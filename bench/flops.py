@@ -86,7 +86,7 @@ def count_flops(fn, *args, **kwargs) -> float:
 def train_step_flops(config, *, batch: int, channels: int) -> float:
   """FLOPs of one train step (forward, backward) of config's model at the global batch."""
   import models  # pylint: disable=g-import-not-at-top
-  from diffusion import schedules  # pylint: disable=g-import-not-at-top
+  from training import train as train_lib  # pylint: disable=g-import-not-at-top
   from training import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
@@ -94,9 +94,7 @@ def train_step_flops(config, *, batch: int, channels: int) -> float:
     config.model.attention = "xla"
   model = models.create_model(config.model)
   d = config.diffusion
-  schedule = schedules.create_schedule(
-      schedule=d.schedule, num_timesteps=d.num_timesteps, beta_start=d.beta_start,
-      beta_end=d.beta_end, zero_terminal_snr=d.zero_terminal_snr)
+  schedule = train_lib.create_schedule(d)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
   size = config.data.image_size
   init = functools.partial(train_step_lib.init_state, model=model, tx=tx,

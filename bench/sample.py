@@ -28,8 +28,8 @@ import numpy as np
 
 import models
 from bench import train as bench_train
-from diffusion import schedules
 from training import generate
+from training import train as train_lib
 
 
 class OursSample:
@@ -41,9 +41,7 @@ class OursSample:
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     model = models.create_model(config.model)
     d = config.diffusion
-    schedule = schedules.create_schedule(
-        schedule=d.schedule, num_timesteps=d.num_timesteps, beta_start=d.beta_start,
-        beta_end=d.beta_end, zero_terminal_snr=d.zero_terminal_snr)
+    schedule = train_lib.create_schedule(d)  # The config's process (the peer always runs VP eps: same calls).
     size = config.data.image_size
     x = jnp.zeros((1, size, size, channels))
     y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None

@@ -46,8 +46,8 @@ from jax.sharding import PartitionSpec as P
 
 import models
 from bench import flops as flops_lib
-from diffusion import schedules
 from training import sharding
+from training import train as train_lib
 from training import train_step as train_step_lib
 from training import xla_cpu
 
@@ -201,9 +201,7 @@ class OursTrain:
     replicated, sharded = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
     model = models.create_model(config.model)
     d = config.diffusion
-    schedule = schedules.create_schedule(
-        schedule=d.schedule, num_timesteps=d.num_timesteps, beta_start=d.beta_start,
-        beta_end=d.beta_end, zero_terminal_snr=d.zero_terminal_snr)
+    schedule = train_lib.create_schedule(d)
     tx, lr_fn = train_step_lib.create_optimizer(config.optim)
     size = config.data.image_size
     num_classes = config.model.num_classes

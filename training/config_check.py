@@ -226,8 +226,8 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
     _require(config.diffusion.prediction != "eps",
              "config.diffusion.prediction='eps' cannot be a progressive student: its few large steps "
              "start where SNR is near 0, where x0 = (z - sigma eps) / alpha is lost (Salimans & Ho "
-             "2022, Sec. 4). Use 'v' (theirs) or 'x0'; the student starts from the teacher's weights, "
-             "whatever those predict.")
+             "2022, Sec. 4). Use 'v' (theirs), 'x0', 'velocity' or 'edm'; the student starts from the "
+             "teacher's weights, whatever those predict.")
   if not consistent:
     return
   _require(config.diffusion.process == "edm", f"config.distill.method='consistency' needs "
