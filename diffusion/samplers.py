@@ -415,13 +415,23 @@ def karras_sigma(schedule: schedules.Schedule, t: Array) -> Array:
   return jnp.exp(-0.5 * noise_level(schedule, t)[0])
 
 
-def _ve_derivative(denoise_fn: DenoiseFn, x: Array, t: Array, sigma: Array) -> Array:
-  """Karras et al. 2022, Eq. 3 / Alg. 1 line 4: dx / dsigma = (x - D(x; sigma)) / sigma = eps_hat.
+def _ve_denoised(denoise_fn: DenoiseFn, x: Array, t: Array, sigma: Array) -> Array:
+  """Karras et al. 2022's D(x; sigma) in their x = x_t / alpha: the network's x0_hat.
 
-  The network sees the VP input alpha x, alpha = 1 / sqrt(sigma^2 + 1) (Table 1, s(t)).
+  The network sees the VP input alpha x, alpha = 1 / sqrt(sigma^2 + 1) (Table 1, s(t)). The samplers
+  step with D, dx / dsigma = (x - D) / sigma (Eq. 3), not with eps_hat: where a process reaches SNR 0
+  (the flow at t = 1) sigma is clipped at schedules.LOGSNR_MIN, and only x0_hat is consistent with that
+  sigma (eps_hat is SNR 0's, x_t itself, which would drop x0_hat from the first step).
   """
-  _, eps = denoise_fn(x * jax.lax.rsqrt(1.0 + sigma**2).astype(x.dtype), t)
-  return eps
+  x0, _ = denoise_fn(x * jax.lax.rsqrt(1.0 + sigma**2).astype(x.dtype), t)
+  return x0
+
+
+def _euler_to(x: Array, denoised: Array, *, sigma: Array, sigma_to: Array) -> Array:
+  """x + (sigma_to - sigma) (x - D) / sigma, as (sigma_to / sigma) x + (1 - sigma_to / sigma) D: exactly D
+  at sigma_to = 0, without the cancellation of x ~ sigma_max z against itself."""
+  ratio = sigma_to / sigma
+  return ratio * x + (1.0 - ratio) * denoised
 
 
 def _churn(*, x: Array, t: Array, sigma: Array, n: int, key: Array, schedule: schedules.Schedule,
@@ -456,14 +466,15 @@ def _karras_ode(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Array,
     sigma, sigma_next = karras_sigma(schedule, t), karras_sigma(schedule, t_next)
     x, t_hat, sigma_hat = _churn(x=x, t=t, sigma=sigma, n=n, key=key, schedule=schedule, s_churn=s_churn,
                                  s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-    d = _ve_derivative(denoise_fn, x, t_hat, sigma_hat)
-    x_euler = x + (sigma_next - sigma_hat) * d
+    denoised = _ve_denoised(denoise_fn, x, t_hat, sigma_hat)
+    x_euler = _euler_to(x, denoised, sigma=sigma_hat, sigma_to=sigma_next)
     if not heun:
       return x_euler.astype(x.dtype)
 
-    def correct():
-      d_next = _ve_derivative(denoise_fn, x_euler, t_next, sigma_next)
-      return x + (sigma_next - sigma_hat) * (0.5 * (d + d_next))
+    def correct():  # x + (sigma_next - sigma) (d + d_next) / 2, as the Euler step plus a correction.
+      d = (x - denoised) / sigma_hat
+      d_next = (x_euler - _ve_denoised(denoise_fn, x_euler, t_next, sigma_next)) / sigma_next
+      return x_euler + (sigma_next - sigma_hat) * (0.5 * (d_next - d))
     return lax.cond(sigma_next > 0, correct, lambda: x_euler).astype(x.dtype)
   return _karras_sampler(body, x_T, timesteps, rng, schedule)
 
@@ -501,8 +512,7 @@ def sample_euler_a(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Arr
     sigma, sigma_next = karras_sigma(schedule, t), karras_sigma(schedule, t_next)
     sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
     sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
-    d = _ve_derivative(denoise_fn, x, t, sigma)
-    x = x + (sigma_down - sigma) * d
+    x = _euler_to(x, _ve_denoised(denoise_fn, x, t, sigma), sigma=sigma, sigma_to=sigma_down)
     return (x + (s_noise * sigma_up) * jax.random.normal(key, x.shape, x.dtype)).astype(x.dtype)
   return _karras_sampler(body, x_T, timesteps, rng, schedule)
 

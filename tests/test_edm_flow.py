@@ -223,6 +223,26 @@ def test_euler_on_the_flow_is_first_order_and_ddim_and_karras_euler_are_that_eul
   assert errors[-1] < 0.02
 
 
+def test_karras_samplers_keep_x0_hat_from_the_flows_first_step():
+  """From t = 1, SNR 0 (where the samplers clip logSNR at LOGSNR_MIN, sigma ~ 1.6e5), one Euler, Heun or
+  Euler-ancestral step to the data is the network's x0_hat, as one DDIM step is, and two Euler steps are
+  two DDIM steps: the sigma-space samplers step with D = x0_hat, which is consistent with the clipped
+  sigma, and not with eps_hat, which is x_t itself at SNR 0 and would drop x0_hat from the first step.
+  """
+  denoise_fn = guidance.make_denoise_fn(velocity_apply_fn, schedule=FLOW, prediction="velocity")
+  x_T = jax.random.normal(jax.random.key(2), (64, 2))
+  x0_hat = denoise_fn(x_T, jnp.float32(1.0))[0]
+  rng = jax.random.key(3)
+  run = jax.jit(lambda t: {name: samplers.sample(name, denoise_fn, x_T, rng, schedule=FLOW,
+                                                 steps=len(t) - 1, timesteps=t)
+                           for name in ("ddim", "euler", "heun", "euler_a")})
+  for name, out in run(jnp.array([1.0, 0.0])).items():
+    np.testing.assert_allclose(out, x0_hat, atol=1e-5, err_msg=name)
+  two = run(jnp.array([1.0, 0.4, 0.0]))
+  np.testing.assert_allclose(two["euler"], two["ddim"], atol=1e-4)
+  assert float(jnp.max(jnp.abs(two["ddim"] - x0_hat))) > 0.1  # The second step did move the points.
+
+
 # ----------------------------------------------------------------------------------------------------
 # Every sampler, guidance and the likelihood on both processes.
 
