@@ -442,7 +442,7 @@ def _churn(*, x: Array, t: Array, sigma: Array, n: int, key: Array, schedule: sc
   gamma = jnp.where((s_tmin <= sigma) & (sigma <= s_tmax), min(s_churn / n, math.sqrt(2.0) - 1.0), 0.0)
   sigma_hat = sigma * (1.0 + gamma)
   noise = jax.random.normal(key, x.shape, x.dtype)
-  x = x + (s_noise * jnp.sqrt(sigma_hat**2 - sigma**2)) * noise
+  x = x + (s_noise * jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0))) * noise
   t_hat = jnp.where(gamma > 0, schedule.t_from_logsnr(-2.0 * jnp.log(sigma_hat)), t)
   return x, t_hat.astype(t.dtype), sigma_hat
 
@@ -511,7 +511,8 @@ def sample_euler_a(denoise_fn: DenoiseFn, x_T: Array, timesteps: Array, rng: Arr
     _, t, t_next, key = xs
     sigma, sigma_next = karras_sigma(schedule, t), karras_sigma(schedule, t_next)
     sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+    # At least 0: compiled, sigma_next^2 - sigma_up^2 can round below 0 where sigma_up = sigma_next.
+    sigma_down = jnp.sqrt(jnp.maximum(sigma_next**2 - sigma_up**2, 0.0))
     x = _euler_to(x, _ve_denoised(denoise_fn, x, t, sigma), sigma=sigma, sigma_to=sigma_down)
     return (x + (s_noise * sigma_up) * jax.random.normal(key, x.shape, x.dtype)).astype(x.dtype)
   return _karras_sampler(body, x_T, timesteps, rng, schedule)

@@ -241,6 +241,11 @@ def test_karras_samplers_keep_x0_hat_from_the_flows_first_step():
   two = run(jnp.array([1.0, 0.4, 0.0]))
   np.testing.assert_allclose(two["euler"], two["ddim"], atol=1e-4)
   assert float(jnp.max(jnp.abs(two["ddim"] - x0_hat))) > 0.1  # The second step did move the points.
+  # Euler-ancestral's sigma_down = sqrt(sigma'^2 - sigma_up^2) is 0 where sigma_up = sigma' (a step from
+  # sigma 119 to 1e-5), and must not round below 0 to NaN.
+  few = jax.jit(lambda: [samplers.sample("euler_a", denoise_fn, x_T, rng, schedule=FLOW, steps=n)
+                         for n in (3, 4, 5)])()
+  assert all(bool(jnp.all(jnp.isfinite(out))) for out in few)
 
 
 # ----------------------------------------------------------------------------------------------------
