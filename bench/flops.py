@@ -93,8 +93,7 @@ def train_step_flops(config, *, batch: int, channels: int) -> float:
   if config.model.get("attention") == "cudnn":  # The same products, traced through XLA's path.
     config.model.attention = "xla"
   model = models.create_model(config.model)
-  d = config.diffusion
-  schedule = train_lib.create_schedule(d)
+  schedule = train_lib.create_schedule(config.diffusion)
   tx, lr_fn = train_step_lib.create_optimizer(config.optim)
   size = config.data.image_size
   init = functools.partial(train_step_lib.init_state, model=model, tx=tx,

@@ -200,8 +200,7 @@ class OursTrain:
     self.mesh = f"{mesh.shape[sharding.DATA]}x{mesh.shape[sharding.FSDP]}"
     replicated, sharded = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
     model = models.create_model(config.model)
-    d = config.diffusion
-    schedule = train_lib.create_schedule(d)
+    schedule = train_lib.create_schedule(config.diffusion)
     tx, lr_fn = train_step_lib.create_optimizer(config.optim)
     size = config.data.image_size
     num_classes = config.model.num_classes
